@@ -1,0 +1,32 @@
+# Two entry points on a fresh clone: `make demo` and `make test`.
+# torch is pinned first so pip takes the local CPU wheel instead of resolving
+# a newer CUDA build; setup.cfg only asks for torch>=2.1, which 2.13.0 satisfies.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .[test]
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/videolm demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_extract.py
+
+clean:
+	rm -rf $(VENV) demo_out bench_out *.egg-info

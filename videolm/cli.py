@@ -1,0 +1,171 @@
+"""The ``videolm`` command line: one subcommand per pipeline stage.
+
+Each subcommand parses flags into the stage's frozen config and calls one library
+function; nothing here holds pipeline logic. Errors a user can fix (bad manifest,
+missing weights, mismatched output directory) print one clear line and exit 2;
+a run that completes with some failed videos exits 0 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+
+
+def _add_synth(sub):
+    p = sub.add_parser("synth", help="generate synthetic digit videos and their manifest (the embedded default data)",
+                       description="Write real H.264 .mp4 files of moving handwritten digits plus a manifest.jsonl "
+                                   "with one timed caption per event. Same seed, same files.")
+    p.add_argument("--out", required=True, help="output directory (videos/ and manifest.jsonl are written there)")
+    p.add_argument("--videos", type=int, default=64, help="number of videos (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split written in the manifest")
+    p.add_argument("--id-prefix", default="synth", help="prefix of video ids (default 'synth')")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args) -> int:
+    from .synthetic import synthesize
+
+    t0 = time.monotonic()
+    manifest = synthesize(args.out, args.videos, args.seed, split=args.split, id_prefix=args.id_prefix,
+                          progress=sys.stderr.isatty())
+    print(f"synth: {args.videos} videos in {time.monotonic() - t0:.1f} s; manifest {manifest}")
+    return 0
+
+
+def _add_extract(sub):
+    p = sub.add_parser(
+        "extract", help="decode videos into clips, embed them and write HDF5 feature shards",
+        description="Batch feature extraction. Resumable: re-running the same command skips finished shards. "
+                    "Run the same command on N machines with --num-nodes N --node-rank I (e.g. a Slurm array).",
+    )
+    p.add_argument("--manifest", required=True, help="manifest .jsonl (see data_manifests/README.md)")
+    p.add_argument("--out", required=True, help="feature directory (shard_NNNNN.h5, failures.jsonl)")
+    p.add_argument("--config", help="YAML file with extraction settings; flags given here override it")
+    p.add_argument("--split", choices=["train", "val", "test"], help="only videos of this split")
+    g = p.add_argument_group("encoder")
+    g.add_argument("--encoder", help="pixels (default, weight-free), s3d, clip or videomae")
+    g.add_argument("--weights", help="local weights: s3d_howto100m.pth for s3d, a model directory for clip/videomae")
+    g.add_argument("--device", help="cpu (default) or cuda")
+    g.add_argument("--batch-size", type=int, help="clips per encoder forward pass (default 64)")
+    g = p.add_argument_group("sampling (defaults come from the encoder)")
+    g.add_argument("--fps", type=float, help="frames sampled per second of video")
+    g.add_argument("--frames-per-clip", type=int, help="frames in one clip")
+    g.add_argument("--clip-stride", type=float, help="seconds between clip starts")
+    g.add_argument("--short-side", type=int, help="resize the short side to this many pixels (0: keep)")
+    g.add_argument("--crop", type=int, help="centre crop size (0: none)")
+    g = p.add_argument_group("job")
+    g.add_argument("--backend", choices=["av", "decord"], help="video decoder (default av)")
+    g.add_argument("--shard-size", type=int, help="videos per shard (default 500)")
+    g.add_argument("--num-nodes", type=int, default=int(os.environ.get("VIDEOLM_NUM_NODES", 1)),
+                   help="machines sharing the job (default 1, or $VIDEOLM_NUM_NODES)")
+    g.add_argument("--node-rank", type=int, default=_default_rank(),
+                   help="this machine's rank, 0-based (default $VIDEOLM_NODE_RANK, $SLURM_ARRAY_TASK_ID, "
+                        "$JOB_COMPLETION_INDEX, or 0)")
+    g.add_argument("--workers", type=int, help="decoder processes (default 2; 0 decodes in-process)")
+    g.add_argument("--threads", type=int, help="decoder threads per worker (default 0: decoder's choice)")
+    g.add_argument("--timeout", type=float, help="seconds a video may go without progress before it is "
+                                                  "declared hung and skipped (default 120)")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_extract)
+
+
+def _default_rank() -> int:
+    for var in ("VIDEOLM_NODE_RANK", "SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+_EXTRACT_FLAGS = ("encoder", "weights", "device", "batch_size", "fps", "frames_per_clip", "clip_stride",
+                  "short_side", "crop", "backend", "shard_size", "workers", "threads", "timeout")
+
+
+def _cmd_extract(args) -> int:
+    from .config import ExtractConfig, from_dict, load_yaml, to_dict
+    from .extract.job import run_extract
+
+    base = load_yaml(args.config, ExtractConfig) if args.config else ExtractConfig()
+    overrides = {k: getattr(args, k) for k in _EXTRACT_FLAGS if getattr(args, k) is not None}
+    cfg = from_dict(ExtractConfig, {**to_dict(base), **overrides})
+    summary = run_extract(args.manifest, args.out, cfg, num_nodes=args.num_nodes, node_rank=args.node_rank,
+                          split=args.split, progress=not args.quiet)
+    print(summary.line())
+    if summary.failures_total:
+        print(f"extract: {summary.failures_total} failed video(s) in this directory are listed in "
+              f"{summary.failures_file}")
+    if summary.videos_failed and summary.videos_ok == 0 and summary.shards_written:
+        print("extract: every video failed; the run is broken (check the backend, paths and failures.jsonl)",
+              file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default (synthetic videos)",
+                       description="Synthesize a small set of videos, extract 'pixels' features and print a summary.")
+    p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
+    p.add_argument("--videos", type=int, default=64, help="number of synthetic videos (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), videos=args.videos, seed=args.seed, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="videolm",
+        description="videolm: from raw videos to a text-to-video retrieval score. "
+                    "Stages: synth -> extract -> (quantize -> pretrain -> eval-retrieval).",
+    )
+    parser.add_argument("--version", action="version", version=f"videolm {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    _add_synth(sub)
+    _add_extract(sub)
+    _add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    from .config import ConfigError
+    from .extract.decode import DecodeError
+    from .extract.encoders import EncoderError
+    from .extract.job import ExtractError
+    from .extract.shards import ShardError
+    from .manifest import ManifestError
+
+    try:
+        return args.func(args)
+    except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError) as exc:
+        print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"videolm {args.command}: interrupted; finished shards are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Decode videos into fixed-rate clips with real timestamps.
+
+Two interchangeable backends, ``av`` (PyAV) and ``decord``, share one planner:
+
+1. read every frame's presentation time from the container (PyAV demuxes packets
+   without decoding them; decord reads its frame index), relative to the first
+   frame, so a 19.62 fps or variable-frame-rate file keeps its real time line;
+2. ``plan_clips`` turns those times into clips: clip ``i`` starts at
+   ``i * clip_stride`` and samples ``frames_per_clip`` times ``1 / fps`` apart;
+   each sample shows the frame on screen at that moment (the last frame whose
+   start is <= the sample time). A clip is kept when all its samples fall inside
+   the video; a video shorter than one clip still gives one clip, padded with
+   its last frame;
+3. frames are decoded in windows of clips and only the sampled frames are
+   converted to RGB and resized, which is most of the cost of decoding.
+
+Only a window of clips is ever held in memory, so long videos stay bounded.
+Every failure becomes a ``DecodeError`` that names the file and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ..config import SamplingSpec
+
+BACKENDS = ("av", "decord")
+
+
+class DecodeError(RuntimeError):
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class ClipBatch:
+    frames: np.ndarray  # uint8 (n, T, H, W, 3)
+    starts: np.ndarray  # float64 (n,) seconds
+    ends: np.ndarray  # float64 (n,) seconds
+    duration: float  # the whole video's duration (end of its last frame), seconds
+
+
+@dataclass
+class ClipPlan:
+    starts: np.ndarray  # (n_clips,) clip start times, seconds
+    ends: np.ndarray  # (n_clips,) clip end times, clamped to the video's end
+    frame_index: np.ndarray  # (n_clips, T) index into the presentation-ordered frames
+    duration: float  # end of the last frame, seconds
+
+
+def plan_clips(frame_times: np.ndarray, spec: SamplingSpec) -> ClipPlan:
+    """Map sampling times onto frames. ``frame_times``: sorted start times, first = 0."""
+    n = len(frame_times)
+    if n == 0:
+        raise ValueError("no frames")
+    if n > 1:
+        # The last frame lasts as long as a typical frame; containers often give no
+        # usable duration for it, and both backends must agree on the video's end.
+        duration = float(frame_times[-1] + np.median(np.diff(frame_times)))
+    else:
+        duration = 1.0 / spec.fps
+    offsets = np.arange(spec.frames_per_clip) / spec.fps
+    last_offset = offsets[-1]
+    # Clip i is kept when its last sample starts before the end of the video.
+    n_clips = int(np.floor((duration - last_offset - 1e-9) / spec.clip_stride)) + 1 if duration > last_offset else 0
+    n_clips = max(n_clips, 1)
+    starts = np.arange(n_clips) * spec.clip_stride
+    times = starts[:, None] + offsets[None, :]
+    # A tiny epsilon keeps a sample that lands exactly on a frame boundary (common with
+    # integer fps) on that frame despite float rounding of the timestamps.
+    idx = np.searchsorted(frame_times, times + 1e-6, side="right") - 1
+    idx = np.clip(idx, 0, n - 1)
+    ends = np.minimum(starts + spec.clip_seconds, duration)
+    return ClipPlan(starts=starts, ends=ends, frame_index=idx, duration=duration)
+
+
+def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """Resized (width, height) with the short side set, keeping aspect, even sizes."""
+    if short_side is None:
+        return width, height
+    scale = short_side / min(width, height)
+    w, h = max(2, int(round(width * scale))), max(2, int(round(height * scale)))
+    if width <= height:
+        w = short_side
+    else:
+        h = short_side
+    return w, h
+
+
+def centre_crop(frames: np.ndarray, crop: int | None) -> np.ndarray:
+    if crop is None:
+        return frames
+    h, w = frames.shape[-3], frames.shape[-2]
+    top, left = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+    return frames[..., top : top + crop, left : left + crop, :]
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DecodeError(path, "file does not exist")
+    if os.path.isdir(path):
+        raise DecodeError(path, "is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise DecodeError(path, "file is empty (0 bytes)")
+
+
+def _open_av(path: str):
+    """Open with PyAV and return (container, video_stream) or raise a clear DecodeError."""
+    import av
+
+    _check_file(path)
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.FFmpegError as exc:
+        raise DecodeError(path, f"cannot open as a video container: {exc}") from None
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise DecodeError(path, f"no video stream (streams present: {', '.join(kinds)}); audio-only file?")
+    return container, container.streams.video[0]
+
+
+def _av_frame_times(path: str) -> tuple[np.ndarray, int | None]:
+    """Presentation times (seconds, first frame = 0) by demuxing packets, no decoding."""
+    import av
+
+    container, stream = _open_av(path)
+    try:
+        tb = float(stream.time_base)
+        pts = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue  # the demuxer's end-of-stream flush packet
+                if packet.pts is None:
+                    return None, None  # caller falls back to decoding for timestamps
+                pts.append(packet.pts)
+        except av.error.FFmpegError as exc:
+            read_error = str(exc)  # judged below: a few lost packets are tolerable, a cut-off file is not
+        else:
+            read_error = None
+        declared_frames = stream.frames or 0
+        declared_seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    finally:
+        container.close()
+    if not pts:
+        raise DecodeError(path, "video stream has no frames" + (f" ({read_error})" if read_error else ""))
+    pts_arr = np.unique(np.asarray(pts, dtype=np.int64))
+    times = (pts_arr - pts_arr[0]) * tb
+    # The container's index says how long the video should be; a file cut short by a
+    # failed download or copy still opens, so compare what could actually be read.
+    missing = declared_frames - len(pts_arr)
+    short_by = declared_seconds - float(times[-1])
+    if (declared_frames and missing > max(2, 0.05 * declared_frames)) or (
+        declared_seconds and not declared_frames and short_by > max(1.0, 0.05 * declared_seconds)
+    ):
+        raise DecodeError(
+            path,
+            f"truncated or damaged: the container declares {declared_frames or '?'} frames / "
+            f"{declared_seconds:.2f} s but only {len(pts_arr)} frames ({times[-1]:.2f} s) could be read"
+            + (f" ({read_error})" if read_error else ""),
+        )
+    return times, int(pts_arr[0])
+
+
+def _iter_decoded(path: str, threads: int):
+    """Yield decoded video frames in presentation order, skipping undecodable packets."""
+    import av
+
+    container, stream = _open_av(path)
+    stream.thread_type = "AUTO" if threads != 1 else "SLICE"
+    if threads > 0:
+        stream.codec_context.thread_count = threads
+    errors = packets = 0
+    try:
+        for packet in container.demux(stream):
+            packets += 1
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                errors += 1  # a damaged packet: the decoder conceals it, we keep going
+                continue
+            yield from frames
+    except av.error.FFmpegError as exc:
+        if packets == 0:
+            raise DecodeError(path, f"cannot read video packets: {exc}") from None
+    finally:
+        container.close()
+    if packets and errors > packets // 2:
+        raise DecodeError(path, f"{errors} of {packets} video packets could not be decoded")
+
+
+def _av_to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
+    from av.video.reformatter import Interpolation
+
+    # BILINEAR is what decord's scale filter uses: with it the backends agree to <0.1/255.
+    return frame.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation=Interpolation.BILINEAR)
+
+
+class _AvBackend:
+    def __init__(self, path: str, spec: SamplingSpec, threads: int):
+        self.path, self.spec, self.threads = path, spec, threads
+        times, first_pts = _av_frame_times(path)
+        self.first_pts = first_pts
+        if times is None:
+            # Packets without timestamps (raw streams): take times from a decode pass.
+            times, self.first_pts = self._times_by_decoding()
+        self.times = times
+        container, stream = _open_av(path)
+        self.width, self.height = stream.codec_context.width, stream.codec_context.height
+        self.tb = float(stream.time_base) if stream.time_base else None
+        container.close()
+        if not self.width or not self.height:
+            raise DecodeError(path, "video stream has no frame size")
+
+    def _times_by_decoding(self):
+        times = [f.time for f in _iter_decoded(self.path, self.threads) if f.time is not None]
+        if not times:
+            raise DecodeError(self.path, "no decodable video frames")
+        t = np.unique(np.asarray(times, dtype=np.float64))
+        return t - t[0], None
+
+    def frames(self, plan: ClipPlan, window: int) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        """Yield (first clip of window, {frame index: rgb}) per window of clips."""
+        size = output_size(self.width, self.height, self.spec.short_side)
+        n_clips = len(plan.starts)
+        # Overlapping clips in the next window may sample frames between this window's
+        # samples, so every frame any clip samples is converted (once) as it passes.
+        wanted = set(np.unique(plan.frame_index).tolist())
+        w0, got, last_rgb, last_idx = 0, {}, None, -1
+        top = int(plan.frame_index[:window].max())
+        for frame in _iter_decoded(self.path, self.threads):
+            t = self._frame_time(frame)
+            if t is None:
+                continue
+            # Matched by time, not by count: a damaged packet may drop a frame.
+            k = int(np.searchsorted(self.times, t + 1e-6, side="right") - 1)
+            if k < 0 or k <= last_idx:
+                continue
+            last_idx = k
+            if k in wanted:
+                last_rgb = got[k] = _av_to_rgb(frame, size)
+            while k >= top:
+                yield w0, _fill(got, plan.frame_index[w0 : w0 + window], last_rgb)
+                w0 += window
+                if w0 >= n_clips:
+                    return
+                lo = int(plan.frame_index[w0 : w0 + window].min())
+                got = {i: v for i, v in got.items() if i >= lo}
+                top = int(plan.frame_index[w0 : w0 + window].max())
+        if last_rgb is None:
+            raise DecodeError(self.path, "no decodable video frames")
+        while w0 < n_clips:  # the stream ended early (truncated file): pad with the last frame
+            yield w0, _fill(got, plan.frame_index[w0 : w0 + window], last_rgb)
+            w0 += window
+
+    def _frame_time(self, frame) -> float | None:
+        if frame.pts is not None and self.first_pts is not None and self.tb:
+            return (frame.pts - self.first_pts) * self.tb
+        if frame.time is not None:
+            return frame.time - (self.first_pts or 0) * (self.tb or 0)
+        return None
+
+
+def _fill(got: dict[int, np.ndarray], needed: np.ndarray, fallback: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Frames a damaged stream never delivered are replaced by the nearest earlier one."""
+    out, prev = {}, None
+    for i in np.unique(needed).tolist():
+        if i in got:
+            prev = got[i]
+        elif prev is None:
+            prev = fallback
+        out[i] = prev
+    return out
+
+
+class _DecordBackend:
+    def __init__(self, path: str, spec: SamplingSpec, threads: int):
+        import decord
+
+        # Probe with PyAV first: decord can spin forever or abort the process on files
+        # that are not video at all or are cut short, so those are rejected before
+        # decord sees them (demuxing without decoding is cheap).
+        _av_frame_times(path)
+        container, stream = _open_av(path)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        container.close()
+        if not width or not height:
+            raise DecodeError(path, "video stream has no frame size")
+        w, h = output_size(width, height, spec.short_side)
+        try:
+            self.reader = decord.VideoReader(path, width=w, height=h, num_threads=threads)
+        except decord.DECORDError as exc:
+            raise DecodeError(path, f"decord cannot open the video: {str(exc).splitlines()[0]}") from None
+        n = len(self.reader)
+        if n == 0:
+            raise DecodeError(path, "video stream has no frames")
+        ts = np.asarray(self.reader.get_frame_timestamp(np.arange(n)), dtype=np.float64)[:, 0]
+        self.times = ts - ts[0]
+        self.path = path
+
+    def frames(self, plan: ClipPlan, window: int) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        import decord
+
+        for w0 in range(0, len(plan.starts), window):
+            idx = np.unique(plan.frame_index[w0 : w0 + window])
+            try:
+                batch = self.reader.get_batch(idx.tolist()).asnumpy()
+            except decord.DECORDError as exc:
+                raise DecodeError(self.path, f"decord failed to decode frames: {str(exc).splitlines()[0]}") from None
+            yield w0, dict(zip(idx.tolist(), batch))
+        del self.reader  # decord holds decoder buffers per reader; free them promptly
+
+
+def iter_clips(
+    path: str | os.PathLike,
+    spec: SamplingSpec,
+    backend: str = "av",
+    window: int = 16,
+    threads: int = 0,
+) -> Iterator[ClipBatch]:
+    """Yield clips of ``path`` in windows of at most ``window`` clips.
+
+    ``threads``: decoder threads (0 = let the decoder choose).
+    Raises ``DecodeError`` for missing, empty, corrupt or audio-only files.
+    """
+    path = str(path)
+    if backend == "av":
+        impl = _AvBackend(path, spec, threads)
+    elif backend == "decord":
+        impl = _DecordBackend(path, spec, threads)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    plan = plan_clips(impl.times, spec)
+    for w0, frames in impl.frames(plan, window):
+        idx = plan.frame_index[w0 : w0 + window]
+        clips = np.stack([np.stack([frames[i] for i in row]) for row in idx])
+        yield ClipBatch(
+            frames=centre_crop(clips, spec.crop),
+            starts=plan.starts[w0 : w0 + window].copy(),
+            ends=plan.ends[w0 : w0 + window].copy(),
+            duration=plan.duration,
+        )
+
+
+def decode_clips(path: str | os.PathLike, spec: SamplingSpec, backend: str = "av") -> ClipBatch:
+    """All clips of a (short) video at once: convenient for tests and small files."""
+    batches = list(iter_clips(path, spec, backend))
+    return ClipBatch(
+        frames=np.concatenate([b.frames for b in batches]),
+        starts=np.concatenate([b.starts for b in batches]),
+        ends=np.concatenate([b.ends for b in batches]),
+        duration=batches[0].duration,
+    )

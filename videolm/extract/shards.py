@@ -1,0 +1,260 @@
+"""HDF5 feature shards: the only module that touches h5py.
+
+One shard = one HDF5 file ``shard_NNNNN.h5`` holding the clips of up to
+``shard_size`` consecutive manifest videos (layout in docs/formats.md):
+
+    attrs      format="videolm-features", format_version, encoder, dim,
+               config (JSON of the ExtractConfig), videolm_version,
+               shard_index, num_shards, manifest_sha256, num_videos_planned
+    features   float16 (total_clips, dim)    all videos' clips, concatenated
+    clip_times float32 (total_clips, 2)      start, end in seconds
+    index/video_id  str (n_videos,)          in manifest order
+    index/offset    int64 (n_videos,)        first row of the video in features
+    index/num_clips int32 (n_videos,)
+    index/duration  float32 (n_videos,)      seconds, from the stream timestamps
+    failures/video_id, failures/error  str   videos that could not be extracted
+
+A shard is written under a temporary name and renamed when complete, so a file
+named ``shard_NNNNN.h5`` is always whole. Reading one video is a lookup in the
+small index followed by one contiguous slice: no scan of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+FORMAT = "videolm-features"
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype(encoding="utf-8")
+# 64 rows per chunk: one video's read touches one or two small chunks, while
+# appends stay cheap. Measured faster than one dataset per video (see docs/formats.md).
+_CHUNK_ROWS = 64
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.h5"
+
+
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    return sorted(Path(directory).glob("shard_[0-9][0-9][0-9][0-9][0-9].h5"))
+
+
+class ShardWriter:
+    """Append videos in order, then ``finish()`` to atomically publish the shard."""
+
+    def __init__(self, path: str | os.PathLike, dim: int, attrs: dict):
+        self.path = Path(path)
+        self.dim = dim
+        # Host and pid in the temporary name: two machines writing to a shared disk
+        # never collide, and a crashed run's leftovers are recognisable.
+        self.tmp = self.path.with_name(f"{self.path.name}.partial-{socket.gethostname()}-{os.getpid()}")
+        self._file = h5py.File(self.tmp, "w")
+        for key, value in attrs.items():
+            self._file.attrs[key] = value
+        self._file.attrs["format"] = FORMAT
+        self._file.attrs["format_version"] = FORMAT_VERSION
+        self._file.attrs["dim"] = dim
+        self._features = self._file.create_dataset(
+            "features", shape=(0, dim), maxshape=(None, dim), dtype=np.float16, chunks=(_CHUNK_ROWS, dim)
+        )
+        self._times = self._file.create_dataset(
+            "clip_times", shape=(0, 2), maxshape=(None, 2), dtype=np.float32, chunks=(_CHUNK_ROWS * 16, 2)
+        )
+        self._ids: list[str] = []
+        self._offsets: list[int] = []
+        self._counts: list[int] = []
+        self._durations: list[float] = []
+        self._failed: list[tuple[str, str]] = []
+        self._rows = 0
+
+    def add_video(self, video_id: str, features: np.ndarray, starts: np.ndarray, ends: np.ndarray, duration: float):
+        n = len(features)
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ShardError(f"{video_id}: features of shape {features.shape}, expected (n, {self.dim})")
+        if not (len(starts) == len(ends) == n) or n == 0:
+            raise ShardError(f"{video_id}: {n} feature rows but {len(starts)} clip times")
+        if not np.isfinite(features).all():
+            raise ShardError(f"{video_id}: encoder produced NaN or inf features")
+        end = self._rows + n
+        self._features.resize((end, self.dim))
+        self._features[self._rows : end] = features.astype(np.float16)
+        self._times.resize((end, 2))
+        self._times[self._rows : end] = np.stack([starts, ends], axis=1).astype(np.float32)
+        self._ids.append(video_id)
+        self._offsets.append(self._rows)
+        self._counts.append(n)
+        self._durations.append(float(duration))
+        self._rows = end
+
+    def add_failure(self, video_id: str, error: str):
+        self._failed.append((video_id, error))
+
+    def finish(self) -> Path:
+        f = self._file
+        idx = f.create_group("index")
+        idx.create_dataset("video_id", data=np.array(self._ids, dtype=object), dtype=_STR)
+        idx.create_dataset("offset", data=np.array(self._offsets, dtype=np.int64))
+        idx.create_dataset("num_clips", data=np.array(self._counts, dtype=np.int32))
+        idx.create_dataset("duration", data=np.array(self._durations, dtype=np.float32))
+        fail = f.create_group("failures")
+        fail.create_dataset("video_id", data=np.array([v for v, _ in self._failed], dtype=object), dtype=_STR)
+        fail.create_dataset("error", data=np.array([e for _, e in self._failed], dtype=object), dtype=_STR)
+        f.attrs["num_videos"] = len(self._ids)
+        f.attrs["num_clips"] = self._rows
+        f.attrs["num_failed"] = len(self._failed)
+        f.flush()
+        os.fsync(f.id.get_vfd_handle())
+        f.close()
+        os.replace(self.tmp, self.path)  # the publish step: atomic on POSIX filesystems
+        return self.path
+
+    def abort(self):
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def remove_partials(directory: str | os.PathLike, index: int) -> int:
+    """Delete leftovers of crashed writers of shard ``index``; returns how many."""
+    removed = 0
+    for p in Path(directory).glob(shard_name(index) + ".partial-*"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+@dataclass
+class VideoFeatures:
+    video_id: str
+    features: np.ndarray  # float32 (n_clips, dim)
+    starts: np.ndarray  # float32 (n_clips,)
+    ends: np.ndarray
+    duration: float
+
+
+def _decode_str(values) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+class ShardReader:
+    """Random access to one shard's videos. Opens lazily; the index is read once."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise ShardError(f"{self.path}: cannot open shard (truncated or not HDF5?): {exc}") from None
+        f = self._file
+        if f.attrs.get("format") != FORMAT:
+            f.close()
+            raise ShardError(f"{self.path}: not a videolm feature shard (format attribute missing)")
+        try:
+            self.video_ids = _decode_str(f["index/video_id"][()])
+            self._offsets = f["index/offset"][()]
+            self._counts = f["index/num_clips"][()]
+            self._durations = f["index/duration"][()]
+        except KeyError as exc:
+            f.close()
+            raise ShardError(f"{self.path}: shard index incomplete ({exc})") from None
+        self._row = {v: i for i, v in enumerate(self.video_ids)}
+        self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        self.config = json.loads(self.attrs["config"])
+        self.dim = int(self.attrs["dim"])
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._row
+
+    def __len__(self) -> int:
+        return len(self.video_ids)
+
+    def get(self, video_id: str) -> VideoFeatures:
+        i = self._row[video_id]
+        a, n = int(self._offsets[i]), int(self._counts[i])
+        times = self._file["clip_times"][a : a + n]
+        return VideoFeatures(
+            video_id=video_id,
+            features=self._file["features"][a : a + n].astype(np.float32),
+            starts=times[:, 0],
+            ends=times[:, 1],
+            duration=float(self._durations[i]),
+        )
+
+    def failures(self) -> list[tuple[str, str]]:
+        g = self._file["failures"]
+        return list(zip(_decode_str(g["video_id"][()]), _decode_str(g["error"][()])))
+
+    def __iter__(self) -> Iterator[VideoFeatures]:
+        for v in self.video_ids:
+            yield self.get(v)
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_shard_attrs(path: str | os.PathLike) -> dict:
+    """Attributes of a finished shard, or ShardError if it cannot be read."""
+    with ShardReader(path) as r:
+        return dict(r.attrs)
+
+
+class FeatureStore:
+    """All shards of a feature directory, addressed by video id."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        paths = list_shards(self.directory)
+        if not paths:
+            raise ShardError(f"{self.directory}: no feature shards (shard_*.h5) found")
+        self.shards = [ShardReader(p) for p in paths]
+        keys = {json.dumps({k: s.config.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True)
+                for s in self.shards}
+        if len(keys) > 1:
+            raise ShardError(f"{self.directory}: shards were written with different encoders/configs")
+        self.dim = self.shards[0].dim
+        self._where = {}
+        for s in self.shards:
+            for v in s.video_ids:
+                self._where[v] = s
+
+    @property
+    def video_ids(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get(self, video_id: str) -> VideoFeatures:
+        try:
+            return self._where[video_id].get(video_id)
+        except KeyError:
+            raise KeyError(f"video {video_id!r} is not in the shards of {self.directory}") from None
+
+    def failures(self) -> list[tuple[str, str]]:
+        return [f for s in self.shards for f in s.failures()]
+
+    def close(self):
+        for s in self.shards:
+            s.close()
