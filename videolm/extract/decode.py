@@ -118,7 +118,9 @@ def _open_av(path: str):
     try:
         container = av.open(path, metadata_errors="ignore")
     except av.error.FFmpegError as exc:
-        raise DecodeError(path, f"cannot open as a video container: {exc}") from None
+        raise DecodeError(
+            path, f"cannot open as a video container (corrupt, truncated, or not a video file): {exc.strerror or exc}"
+        ) from None
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()

@@ -255,6 +255,7 @@ class _Pipeline:
         self.head = 0  # first video not yet written
         self.cursor = 0  # first video with clips not yet handed to the encoder
         self.writer: ShardWriter | None = None
+        self.buffered = 0  # decoded clips waiting for the encoder
 
     def run(self):
         try:
@@ -284,14 +285,23 @@ class _Pipeline:
         with DecoderPool(self.cfg.workers, self.sampling, self.cfg.backend, self.cfg.threads, self.cfg.timeout) as pool:
             nxt = 0
             while self.head < len(self.queue):
-                while pool.idle and nxt < len(self.queue) and nxt < self.head + lookahead:
+                # Decode ahead by a few videos, and further while the buffered clips cannot
+                # fill the next batch: otherwise a run of short videos would wait forever.
+                while pool.idle and nxt < len(self.queue) and (
+                    nxt < self.head + lookahead or self.buffered < self.cfg.batch_size
+                ):
                     v = self.queue[nxt]
                     self.by_id[v.entry.video_id] = nxt
                     pool.submit(v.entry.video_id, v.entry.path)
                     nxt += 1
-                for msg in pool.poll(0.05):
+                messages = pool.poll(0.05)
+                for msg in messages:
                     self._receive(msg)
+                head = self.head
                 self._encode_ready()
+                if not messages and pool.busy == 0 and self.head == head:
+                    # Nothing running, nothing arrived, nothing written: a bug, not a slow video.
+                    raise RuntimeError(f"extraction pipeline stalled at video {head} of {len(self.queue)}")
 
     def _receive(self, msg):
         kind, video_id, payload = msg
@@ -301,6 +311,7 @@ class _Pipeline:
             v.starts.append(payload.starts)
             v.ends.append(payload.ends)
             v.n_arrived += len(payload.starts)
+            self.buffered += len(payload.starts)
         elif kind == "done" and v.n_arrived == 0:
             v.error = "decoder produced no clips"
         elif kind == "done":
@@ -308,6 +319,7 @@ class _Pipeline:
         else:
             v.error = payload
         if v.error is not None:
+            self.buffered -= sum(len(f) for f in v.pending)
             v.pending, v.encoded = [], []
 
     def _encode_ready(self):
@@ -316,12 +328,21 @@ class _Pipeline:
             taken = self._take_batch()
             if not taken:
                 break
-            feats = self.encoder.encode(np.concatenate([frames for _, frames in taken]))
-            row = 0
-            for v, frames in taken:
+            # Without a crop, videos of different sizes give clips of different shapes;
+            # each shape is one forward pass (still a fixed function of the batch).
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, frames) in enumerate(taken):
+                groups.setdefault(frames.shape[1:], []).append(i)
+            out: list[np.ndarray | None] = [None] * len(taken)
+            for members in groups.values():
+                feats = self.encoder.encode(np.concatenate([taken[i][1] for i in members]))
+                row = 0
+                for i in members:
+                    n = len(taken[i][1])
+                    out[i], row = feats[row : row + n], row + n
+            for (v, _), f in zip(taken, out):
                 if v.error is None:
-                    v.encoded.append(feats[row : row + len(frames)])
-                row += len(frames)
+                    v.encoded.append(f)
             self._write_complete()
         self._write_complete()
 
@@ -358,6 +379,7 @@ class _Pipeline:
                 else:
                     v.pending[0] = frames[k:]
                 v.n_taken += k
+                self.buffered -= k
                 want -= k
             if v.drained:
                 self.cursor += 1
