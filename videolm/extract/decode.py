@@ -106,7 +106,7 @@ def _check_file(path: str) -> None:
         raise DecodeError(path, "file does not exist")
     if os.path.isdir(path):
         raise DecodeError(path, "is a directory, not a video file")
-    if os.path.getsize(path) == 0:
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # pipes and devices report size 0
         raise DecodeError(path, "file is empty (0 bytes)")
 
 

@@ -44,7 +44,7 @@ def check_clips(clips: np.ndarray) -> None:
 # --------------------------------------------------------------------------- pixels
 # Weight-free default. Layout of the 330-d vector (documented in docs/formats.md):
 #   [0:256)   grey 16x16 thumbnail of the clip's middle frame, in [0, 1]
-#   [256:304) colour 4x4x3 thumbnail averaged over the clip, in [0, 1]
+#   [256:304) colour thumbnail averaged over the clip, channel-major (3, 4, 4), in [0, 1]
 #   [304:320) mean |frame difference| per cell of a 4x4 grid (motion energy)
 #   [320:328) global optical flow (u, v) per cell of a 2x2 grid, from a least-squares
 #             Lucas-Kanade fit on 32x32 grey frames, in pixels/frame of that grid
