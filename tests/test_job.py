@@ -160,3 +160,21 @@ def test_cli_help_and_user_errors(synth_dir, tmp_path, capsys):
     assert main(["extract", "--manifest", good, "--out", str(tmp_path / "o"), "--encoder", "s3d"]) == 2
     assert "--weights" in capsys.readouterr().err
     assert main(["extract", "--manifest", good, "--out", str(tmp_path / "o"), "--node-rank", "3"]) == 2
+
+
+def test_pipeline_yaml_configs_load():
+    from videolm.config import load_yaml
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    pixels = load_yaml(root / "extract_pixels.yaml", ExtractConfig)
+    s3d = load_yaml(root / "extract_s3d.yaml", ExtractConfig)
+    assert pixels.encoder == "pixels" and s3d.encoder == "s3d" and s3d.crop == 224
+
+
+def test_yaml_typos_are_errors(tmp_path):
+    from videolm.config import ConfigError, load_yaml
+
+    p = tmp_path / "c.yaml"
+    p.write_text("encoder: pixels\nshard_sise: 3\n")
+    with pytest.raises(ConfigError, match="unknown key.*shard_sise"):
+        load_yaml(p, ExtractConfig)
