@@ -24,15 +24,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import __version__
 from ..config import ExtractConfig, SamplingSpec, to_dict
 from ..manifest import VideoEntry, load_manifest
-from .encoders import Encoder, build_encoder
-from .shards import ShardError, ShardWriter, list_shards, read_shard_attrs, remove_partials, shard_name
+from .shards import (
+    ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials, shard_name,
+)
 from .workers import DecoderPool, decode_video
+
+if TYPE_CHECKING:
+    from .encoders import Encoder
 
 log = logging.getLogger("videolm.extract")
 
@@ -176,49 +181,63 @@ def run_extract(
     entries = load_manifest(manifest, split=split)
     if not entries:
         raise ExtractError(f"{manifest}: no videos" + (f" in split {split!r}" if split else ""))
-    encoder = build_encoder(cfg.encoder, cfg.weights, cfg.device)
-    sampling = cfg.resolve_sampling(encoder.default_sampling)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_sha = file_sha256(manifest)
-    key = {
-        "encoder": cfg.encoder,
-        "weights": cfg.weights,
-        "sampling": dataclasses.asdict(sampling),
-        "dim": encoder.dim,
-        "manifest_sha256": manifest_sha,
-        "split": split,
-        "shard_size": cfg.shard_size,
-        "num_videos": len(entries),
-    }
-    _check_directory(out, key)
-
     num_shards = (len(entries) + cfg.shard_size - 1) // cfg.shard_size
     mine = [s for s in range(num_shards) if s % num_nodes == node_rank]
-    pending = []
-    for s in mine:
-        remove_partials(out, s)
-        if not _shard_is_finished(out / shard_name(s), manifest_sha):
-            pending.append(s)
-    summary = ExtractSummary(str(out), num_shards, len(mine), len(pending), len(mine) - len(pending))
+    # Decoder processes take a moment to start; launch them before the encoder
+    # imports torch (over a second) so the two overlap.
+    unwritten = sum(len(entries[s * cfg.shard_size : (s + 1) * cfg.shard_size])
+                    for s in mine if not (out / shard_name(s)).exists())
+    pool = DecoderPool(min(cfg.workers, unwritten), cfg.backend, cfg.threads, cfg.timeout) \
+        if cfg.workers and unwritten else None
+    try:
+        from .encoders import build_encoder
 
-    attrs = {
-        "encoder": cfg.encoder,
-        "config": json.dumps({**to_dict(cfg), "sampling": dataclasses.asdict(sampling)}, sort_keys=True),
-        "videolm_version": __version__,
-        "num_shards": num_shards,
-        "manifest_sha256": manifest_sha,
-        "manifest": str(Path(manifest).resolve()),
-        "split": split or "",
-    }
-    queue: list[_Video] = []
-    for s in pending:
-        chunk = entries[s * cfg.shard_size : (s + 1) * cfg.shard_size]
-        queue += [_Video(e, s, i == len(chunk) - 1) for i, e in enumerate(chunk)]
+        encoder = build_encoder(cfg.encoder, cfg.weights, cfg.device)
+        sampling = cfg.resolve_sampling(encoder.default_sampling)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest_sha = file_sha256(manifest)
+        key = {
+            "encoder": cfg.encoder,
+            "weights": cfg.weights,
+            "sampling": dataclasses.asdict(sampling),
+            "dim": encoder.dim,
+            "manifest_sha256": manifest_sha,
+            "split": split,
+            "shard_size": cfg.shard_size,
+            "num_videos": len(entries),
+        }
+        _check_directory(out, key)
 
-    t0 = time.monotonic()
-    if queue:
-        _Pipeline(queue, out, encoder, sampling, cfg, attrs, _Progress(len(queue), progress), summary).run()
+        pending = []
+        for s in mine:
+            remove_partials(out, s)
+            if not _shard_is_finished(out / shard_name(s), manifest_sha):
+                pending.append(s)
+        summary = ExtractSummary(str(out), num_shards, len(mine), len(pending), len(mine) - len(pending))
+        attrs = {
+            "encoder": cfg.encoder,
+            "config": json.dumps({**to_dict(cfg), "sampling": dataclasses.asdict(sampling)}, sort_keys=True),
+            "videolm_version": __version__,
+            "num_shards": num_shards,
+            "manifest_sha256": manifest_sha,
+            "manifest": str(Path(manifest).resolve()),
+            "split": split or "",
+        }
+        queue: list[_Video] = []
+        for s in pending:
+            chunk = entries[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+            queue += [_Video(e, s, i == len(chunk) - 1) for i, e in enumerate(chunk)]
+
+        t0 = time.monotonic()
+        if queue:
+            if cfg.workers and pool is None:  # a damaged shard was set aside after the count above
+                pool = DecoderPool(min(cfg.workers, len(queue)), cfg.backend, cfg.threads, cfg.timeout)
+            _Pipeline(queue, out, encoder, sampling, cfg, attrs, _Progress(len(queue), progress), summary,
+                      pool).run()
+    finally:
+        if pool is not None:
+            pool.close()
     summary.seconds = time.monotonic() - t0
     summary.failures_file, summary.failures_total = _write_failures(out, entries)
     return summary
@@ -230,8 +249,6 @@ def _write_failures(out: Path, entries: list[VideoEntry]) -> tuple[str, int]:
     rows = []
     for p in list_shards(out):
         try:
-            from .shards import ShardReader
-
             with ShardReader(p) as r:
                 rows += [{"video_id": v, "path": paths.get(v), "shard": p.name, "error": e} for v, e in r.failures()]
         except ShardError as exc:
@@ -248,9 +265,10 @@ def _write_failures(out: Path, entries: list[VideoEntry]) -> tuple[str, int]:
 class _Pipeline:
     """Feeds decoded clips to the encoder in manifest order and writes shards."""
 
-    def __init__(self, queue, out, encoder: Encoder, sampling: SamplingSpec, cfg: ExtractConfig, attrs, progress, summary):
+    def __init__(self, queue, out, encoder: Encoder, sampling: SamplingSpec, cfg: ExtractConfig, attrs, progress,
+                 summary, pool: DecoderPool | None):
         self.queue, self.out, self.encoder, self.sampling, self.cfg = queue, out, encoder, sampling, cfg
-        self.attrs, self.progress, self.summary = attrs, progress, summary
+        self.attrs, self.progress, self.summary, self.pool = attrs, progress, summary, pool
         self.by_id = {}
         self.head = 0  # first video not yet written
         self.cursor = 0  # first video with clips not yet handed to the encoder
@@ -259,7 +277,7 @@ class _Pipeline:
 
     def run(self):
         try:
-            if self.cfg.workers == 0:
+            if self.pool is None:
                 self._run_inline()
             else:
                 self._run_pool()
@@ -281,27 +299,26 @@ class _Pipeline:
         self._encode_ready()
 
     def _run_pool(self):
+        pool, nxt = self.pool, 0
         lookahead = 2 * self.cfg.workers + 2  # bounds memory held by videos decoded ahead
-        with DecoderPool(self.cfg.workers, self.sampling, self.cfg.backend, self.cfg.threads, self.cfg.timeout) as pool:
-            nxt = 0
-            while self.head < len(self.queue):
-                # Decode ahead by a few videos, and further while the buffered clips cannot
-                # fill the next batch: otherwise a run of short videos would wait forever.
-                while pool.idle and nxt < len(self.queue) and (
-                    nxt < self.head + lookahead or self.buffered < self.cfg.batch_size
-                ):
-                    v = self.queue[nxt]
-                    self.by_id[v.entry.video_id] = nxt
-                    pool.submit(v.entry.video_id, v.entry.path)
-                    nxt += 1
-                messages = pool.poll(0.05)
-                for msg in messages:
-                    self._receive(msg)
-                head = self.head
-                self._encode_ready()
-                if not messages and pool.busy == 0 and self.head == head:
-                    # Nothing running, nothing arrived, nothing written: a bug, not a slow video.
-                    raise RuntimeError(f"extraction pipeline stalled at video {head} of {len(self.queue)}")
+        while self.head < len(self.queue):
+            # Decode ahead by a few videos, and further while the buffered clips cannot
+            # fill the next batch: otherwise a run of short videos would wait forever.
+            while pool.idle and nxt < len(self.queue) and (
+                nxt < self.head + lookahead or self.buffered < self.cfg.batch_size
+            ):
+                v = self.queue[nxt]
+                self.by_id[v.entry.video_id] = nxt
+                pool.submit(v.entry.video_id, v.entry.path, self.sampling)
+                nxt += 1
+            messages = pool.poll(0.05)
+            for msg in messages:
+                self._receive(msg)
+            head = self.head
+            self._encode_ready()
+            if not messages and pool.busy == 0 and self.head == head:
+                # Nothing running, nothing arrived, nothing written: a bug, not a slow video.
+                raise RuntimeError(f"extraction pipeline stalled at video {head} of {len(self.queue)}")
 
     def _receive(self, msg):
         kind, video_id, payload = msg

@@ -58,8 +58,8 @@ class _Worker:
 class DecoderPool:
     """``submit`` videos, then ``poll`` for messages; at most one video per worker."""
 
-    def __init__(self, num_workers: int, spec: SamplingSpec, backend: str, threads: int, timeout: float):
-        self.spec, self.backend, self.threads, self.timeout = spec, backend, threads, timeout
+    def __init__(self, num_workers: int, backend: str, threads: int, timeout: float):
+        self.backend, self.threads, self.timeout = backend, threads, timeout
         # spawn, not fork: the parent holds torch threads and open HDF5 files that a
         # forked child would inherit in an undefined state.
         self._ctx = mp.get_context("spawn")
@@ -80,11 +80,11 @@ class DecoderPool:
     def busy(self) -> int:
         return len(self._workers) - self.idle
 
-    def submit(self, video_id: str, path: str) -> None:
+    def submit(self, video_id: str, path: str, spec: SamplingSpec) -> None:
         worker = next(w for w in self._workers if w.video_id is None)
         worker.video_id = video_id
         worker.last_seen = time.monotonic()
-        worker.conn.send((video_id, path, self.spec, self.backend, self.threads))
+        worker.conn.send((video_id, path, spec, self.backend, self.threads))
 
     def poll(self, wait_s: float) -> list[tuple]:
         """Messages ready within ``wait_s`` seconds; hung or dead workers become errors."""
