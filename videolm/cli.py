@@ -111,6 +111,50 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _add_quantize(sub):
+    p = sub.add_parser(
+        "quantize", help="fit a (hierarchical) k-means codebook and write visual-word tokens beside the shards",
+        description="VideoBERT-style visual words: k clusters, k sub-clusters in each, --levels deep (k^levels "
+                    "words). Tokens go to shard_NNNNN.tokens.h5 beside each shard, the codebook to codebook.h5. "
+                    "Resumable; feature shards are never modified.",
+    )
+    p.add_argument("--features", required=True, help="feature directory written by `videolm extract`")
+    p.add_argument("--k", type=int, default=12, help="children per node (default 12)")
+    p.add_argument("--levels", type=int, default=4, help="tree depth; 1 = flat codebook of k words (default 4)")
+    p.add_argument("--sample", type=int, default=500_000, help="clip vectors sampled to fit (default 500000)")
+    p.add_argument("--preset", choices=["fast", "accurate"], default="fast",
+                   help="faiss settings: fast (subsampled, early stop; default) or accurate (full-batch Lloyd)")
+    p.add_argument("--niter", type=int, help="k-means iterations per node (overrides the preset)")
+    p.add_argument("--max-points-per-centroid", type=int, help="faiss subsampling cap (overrides the preset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--normalize", choices=["l2", "none"], default="l2", help="L2-normalise features first (default)")
+    p.add_argument("--backend", choices=["faiss", "sklearn"], default="faiss",
+                   help="faiss k-means (default) or scikit-learn MiniBatchKMeans")
+    p.add_argument("--report", metavar="DIR", help="write quantize_summary.json and word_frequencies.png here")
+    p.add_argument("--overwrite", action="store_true", help="replace a codebook fitted with other settings")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args) -> int:
+    from .quantize import PRESETS, QuantizeConfig
+    from .quantize_job import run_quantize, summary_lines
+
+    preset = PRESETS[args.preset]
+    cfg = QuantizeConfig(
+        k=args.k, levels=args.levels, sample=args.sample, seed=args.seed, normalize=args.normalize,
+        backend=args.backend, niter=args.niter or preset["niter"],
+        max_points_per_centroid=args.max_points_per_centroid or preset["max_points_per_centroid"],
+    )
+    summary = run_quantize(args.features, cfg, report_dir=args.report, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    for line in summary_lines(summary):
+        print(line)
+    if args.report:
+        print(f"quantize: report in {args.report} (quantize_summary.json, word_frequencies.png)")
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default (synthetic videos)",
                        description="Synthesize a small set of videos, extract 'pixels' features and print a summary.")
@@ -131,13 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videolm",
         description="videolm: from raw videos to a text-to-video retrieval score. "
-                    "Stages: synth -> extract -> (quantize -> pretrain -> eval-retrieval).",
+                    "Stages: synth -> extract -> quantize -> (pretrain -> eval-retrieval).",
     )
     parser.add_argument("--version", action="version", version=f"videolm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     _add_synth(sub)
     _add_extract(sub)
+    _add_quantize(sub)
     _add_demo(sub)
     return parser
 
@@ -145,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # Only videolm's own messages at INFO: libraries (faiss's loader, matplotlib) chat at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("videolm").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -156,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     from .extract.job import ExtractError
     from .extract.shards import ShardError
     from .manifest import ManifestError
+    from .quantize_job import QuantizeError
 
     try:
         return args.func(args)
-    except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError) as exc:
+    except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError) as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """``videolm demo``: the main job on the embedded default, end to end.
 
-For now: synthesize digit videos, extract ``pixels`` features into shards, and
-print what was written. Later stages (quantise, pretrain, evaluate) extend this.
+For now: synthesize digit videos, extract ``pixels`` features into shards,
+quantise them into visual words (k=8, 2 levels) and print what was written.
+Later stages (pretrain, evaluate) extend this.
 Re-running reuses what is already there (synthesis is deterministic and
 extraction resumes), so an interrupted demo picks up where it stopped.
 """
@@ -19,6 +20,8 @@ from .config import ExtractConfig, save_yaml
 from .extract.job import run_extract
 from .extract.shards import FeatureStore
 from .manifest import load_manifest
+from .quantize import QuantizeConfig
+from .quantize_job import run_quantize, summary_lines
 from .synthetic import synthesize
 
 
@@ -30,19 +33,26 @@ def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2) -> in
     marker = data / "synth.json"
     wanted = {"videos": videos, "seed": seed}
     if not (manifest.exists() and marker.exists() and json.loads(marker.read_text()) == wanted):
-        print(f"[1/2] synthesizing {videos} videos (seed {seed}) into {data}", flush=True)
+        print(f"[1/3] synthesizing {videos} videos (seed {seed}) into {data}", flush=True)
         synthesize(data, videos, seed, split="train", progress=sys.stderr.isatty())
         marker.write_text(json.dumps(wanted))
     else:
-        print(f"[1/2] reusing {videos} synthetic videos in {data}", flush=True)
+        print(f"[1/3] reusing {videos} synthetic videos in {data}", flush=True)
     t_synth = time.monotonic() - t0
 
     features = out / "features"
     cfg = ExtractConfig(encoder="pixels", backend="av", shard_size=32, workers=workers)
     save_yaml(cfg, out / "extract_config.yaml")
-    print(f"[2/2] extracting 'pixels' features into {features}", flush=True)
+    print(f"[2/3] extracting 'pixels' features into {features}", flush=True)
     summary = run_extract(manifest, features, cfg)
     print(summary.line())
+
+    print("[3/3] quantising features into visual words (k=8, 2 levels)", flush=True)
+    report = out / "quantize_report"
+    qsum = run_quantize(features, QuantizeConfig(k=8, levels=2, sample=100_000), report_dir=report, overwrite=True,
+                        progress=sys.stderr.isatty())
+    for line in summary_lines(qsum):
+        print(line)
 
     entries = load_manifest(manifest)
     store = FeatureStore(features)
@@ -55,9 +65,13 @@ def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2) -> in
     print(f"  captions          {captions} ({captions / len(entries):.1f} per video)")
     print(f"  clips per video   mean {np.mean(lengths):.1f}, min {min(lengths)}, max {max(lengths)}")
     print(f"  feature dim       {store.dim} (encoder 'pixels', float16 in {len(store.shards)} shard(s))")
+    print(f"  visual words      {qsum['words_used']} of {qsum['vocab_size']} used, "
+          f"entropy {qsum['entropy_bits']:.2f} bits")
     print(f"  time              synth {t_synth:.1f} s, extract {summary.seconds:.1f} s, "
-          f"total {time.monotonic() - t0:.1f} s")
+          f"quantize {qsum['seconds']:.1f} s, total {time.monotonic() - t0:.1f} s")
     print(f"  written           manifest {manifest}")
     print(f"                    features {features}/shard_*.h5, failures {summary.failures_file}")
+    print(f"                    codebook {qsum['codebook']}, tokens {features}/shard_*.tokens.h5")
+    print(f"                    quantize report {report}/ (quantize_summary.json, word_frequencies.png)")
     store.close()
     return 0 if summary.failures_total == 0 else 1

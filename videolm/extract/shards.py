@@ -143,6 +143,8 @@ class VideoFeatures:
     starts: np.ndarray  # float32 (n_clips,)
     ends: np.ndarray
     duration: float
+    tokens: np.ndarray | None = None  # int32 (n_clips,) visual words, when the directory is quantised
+    token_paths: np.ndarray | None = None  # int16 (n_clips, levels): child index chosen at each tree level
 
 
 def _decode_str(values) -> list[str]:
@@ -181,6 +183,27 @@ class ShardReader:
     def __len__(self) -> int:
         return len(self.video_ids)
 
+    @property
+    def num_clips(self) -> int:
+        return int(self._file["features"].shape[0])
+
+    def iter_blocks(self, block: int = 16384, rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, float32 features) for consecutive blocks of rows.
+
+        With ``rows`` (sorted row numbers), only blocks holding one of them are read,
+        so sampling a small fraction of a large shard does not read all of it.
+        """
+        ds = self._file["features"]
+        for a in range(0, ds.shape[0], block):
+            b = min(a + block, ds.shape[0])
+            if rows is not None and np.searchsorted(rows, a) == np.searchsorted(rows, b):
+                continue
+            yield a, ds[a:b].astype(np.float32)
+
+    def video_spans(self) -> list[tuple[str, int, int]]:
+        """(video_id, first row, number of clips) for every video, in file order."""
+        return [(v, int(o), int(n)) for v, o, n in zip(self.video_ids, self._offsets, self._counts)]
+
     def get(self, video_id: str) -> VideoFeatures:
         i = self._row[video_id]
         a, n = int(self._offsets[i]), int(self._counts[i])
@@ -217,8 +240,33 @@ def read_shard_attrs(path: str | os.PathLike) -> dict:
         return dict(r.attrs)
 
 
+def config_key(reader: ShardReader) -> str:
+    """The settings that make features comparable: encoder, weights and sampling."""
+    return json.dumps({k: reader.config.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True)
+
+
+def check_same_config(shards: list[ShardReader], directory) -> None:
+    groups: dict[str, list[str]] = {}
+    for s in shards:
+        groups.setdefault(config_key(s), []).append(s.path.name)
+    if len(groups) > 1:
+        parts = []
+        for key, names in groups.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            parts.append(f"[{shown}] with {key}")
+        raise ShardError(
+            f"{directory}: shards were written with different encoders/configs: " + "; ".join(parts)
+            + ". Keep one extraction config per directory."
+        )
+
+
 class FeatureStore:
-    """All shards of a feature directory, addressed by video id."""
+    """All shards of a feature directory, addressed by video id.
+
+    When the directory has a codebook, ``get`` also returns the video's visual
+    words from the token file beside its shard (only token files written with the
+    current codebook are used).
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -226,15 +274,14 @@ class FeatureStore:
         if not paths:
             raise ShardError(f"{self.directory}: no feature shards (shard_*.h5) found")
         self.shards = [ShardReader(p) for p in paths]
-        keys = {json.dumps({k: s.config.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True)
-                for s in self.shards}
-        if len(keys) > 1:
-            raise ShardError(f"{self.directory}: shards were written with different encoders/configs")
+        check_same_config(self.shards, self.directory)
         self.dim = self.shards[0].dim
         self._where = {}
         for s in self.shards:
             for v in s.video_ids:
                 self._where[v] = s
+        self.codebook_attrs = read_codebook_attrs(self.directory / CODEBOOK_NAME)
+        self._tokens: dict[Path, tuple[np.ndarray, np.ndarray] | None] = {}
 
     @property
     def video_ids(self) -> list[str]:
@@ -246,11 +293,29 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self._where)
 
+    def _shard_tokens(self, shard: ShardReader):
+        if shard.path not in self._tokens:
+            found = None
+            if self.codebook_attrs is not None:
+                tp = token_path(shard.path)
+                attrs = read_token_attrs(tp)
+                if attrs is not None and attrs.get("codebook_fingerprint") == self.codebook_attrs["fingerprint"]:
+                    found = read_token_file(tp)
+            self._tokens[shard.path] = found
+        return self._tokens[shard.path]
+
     def get(self, video_id: str) -> VideoFeatures:
         try:
-            return self._where[video_id].get(video_id)
+            shard = self._where[video_id]
         except KeyError:
             raise KeyError(f"video {video_id!r} is not in the shards of {self.directory}") from None
+        out = shard.get(video_id)
+        tok = self._shard_tokens(shard)
+        if tok is not None:
+            i = shard._row[video_id]
+            a, n = int(shard._offsets[i]), int(shard._counts[i])
+            out.tokens, out.token_paths = tok[0][a : a + n], tok[1][a : a + n]
+        return out
 
     def failures(self) -> list[tuple[str, str]]:
         return [f for s in self.shards for f in s.failures()]
@@ -258,3 +323,105 @@ class FeatureStore:
     def close(self):
         for s in self.shards:
             s.close()
+
+
+# --------------------------------------------------------------------------- visual words
+# Tokens live in their own file beside each shard (shard_NNNNN.tokens.h5) so that
+# quantising never opens a feature shard for writing: a crash cannot damage
+# features, and a new codebook simply replaces the token files.
+
+TOKENS_FORMAT = "videolm-tokens"
+CODEBOOK_FORMAT = "videolm-codebook"
+CODEBOOK_NAME = "codebook.h5"
+
+
+def token_path(shard: str | os.PathLike) -> Path:
+    shard = Path(shard)
+    return shard.with_name(shard.name[: -len(".h5")] + ".tokens.h5")
+
+
+def _publish(tmp: Path, final: Path, f: h5py.File) -> None:
+    f.flush()
+    os.fsync(f.id.get_vfd_handle())
+    f.close()
+    os.replace(tmp, final)
+
+
+def partial_name(final: Path, tag: str) -> Path:
+    """Where a file is written before it is published; ``tag`` ties it to its inputs."""
+    return final.with_name(f"{final.name}.partial-{tag}")
+
+
+def write_token_file(path: Path, tokens: np.ndarray, paths: np.ndarray, attrs: dict) -> Path:
+    """Write a complete token file under ``path`` (callers choose temporary or final names)."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    f = h5py.File(tmp, "w")
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    f.attrs["format"] = TOKENS_FORMAT
+    f.create_dataset("tokens", data=tokens.astype(np.int32))
+    f.create_dataset("paths", data=paths.astype(np.int16))
+    _publish(tmp, path, f)
+    return path
+
+
+def read_token_attrs(path: str | os.PathLike) -> dict | None:
+    """Attributes of a readable token file, or None when it is missing or damaged."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != TOKENS_FORMAT or "tokens" not in f:
+                return None
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except (OSError, KeyError):
+        return None
+
+
+def read_token_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with h5py.File(path, "r") as f:
+            return f["tokens"][()], f["paths"][()]
+    except (OSError, KeyError) as exc:
+        raise ShardError(f"{path}: cannot read token file: {exc}") from None
+
+
+def write_codebook(path: Path, levels: list[dict[str, np.ndarray]], attrs: dict) -> Path:
+    """One HDF5 file: level_<l>/{centroids, parent, child_index, first_child, num_children} + JSON attrs."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    f = h5py.File(tmp, "w")
+    for key, value in attrs.items():
+        f.attrs[key] = value
+    f.attrs["format"] = CODEBOOK_FORMAT
+    for i, level in enumerate(levels):
+        g = f.create_group(f"level_{i}")
+        for name, arr in level.items():
+            g.create_dataset(name, data=arr)
+    _publish(tmp, path, f)
+    return path
+
+
+def read_codebook_attrs(path: str | os.PathLike) -> dict | None:
+    """A codebook's attributes (config, fingerprint, vocabulary), or None if there is none."""
+    if not Path(path).exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != CODEBOOK_FORMAT:
+                raise ShardError(f"{path}: not a videolm codebook")
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read codebook: {exc}") from None
+
+
+def read_codebook(path: str | os.PathLike) -> tuple[list[dict[str, np.ndarray]], dict]:
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != CODEBOOK_FORMAT:
+                raise ShardError(f"{path}: not a videolm codebook")
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            levels = []
+            for i in range(int(attrs["levels"])):
+                g = f[f"level_{i}"]
+                levels.append({name: g[name][()] for name in g})
+            return levels, attrs
+    except (OSError, KeyError) as exc:
+        raise ShardError(f"{path}: cannot read codebook: {exc}") from None

@@ -1,0 +1,15 @@
+from videolm.demo import run_demo
+from videolm.extract.shards import FeatureStore
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert run_demo(tmp_path, videos=6, seed=0, workers=1) == 0
+    out = capsys.readouterr().out
+    assert "6 synthesized, 6 with features, 0 failed" in out and "visual words" in out
+    store = FeatureStore(tmp_path / "features")
+    v = store.get(store.video_ids[0])
+    assert v.tokens is not None and len(v.tokens) == len(v.features) and v.tokens.max() < 64
+    assert (tmp_path / "quantize_report" / "word_frequencies.png").exists()
+    # a second run reuses everything
+    assert run_demo(tmp_path, videos=6, seed=0, workers=1) == 0
+    assert "reusing 6 synthetic videos" in capsys.readouterr().out
