@@ -102,14 +102,24 @@ def _kmeans_sklearn(x: np.ndarray, k: int, cfg: QuantizeConfig, seed: int) -> np
 KMEANS = {"faiss": _kmeans_faiss, "sklearn": _kmeans_sklearn}
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Index of and squared distance to the nearest centroid, for each row of x."""
+def nearest(x: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray | None = None,
+            chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Index of and squared distance to the nearest centroid, for each row of x.
+
+    Rows go in chunks so the (rows x centroids) distance matrix stays small even for
+    a flat codebook of thousands of words.
+    """
     if c_sq is None:
         c_sq = np.einsum("ij,ij->i", centroids, centroids)
-    d = c_sq[None, :] - 2.0 * (x @ centroids.T)
-    idx = np.argmin(d, axis=1)
-    x_sq = np.einsum("ij,ij->i", x, x)
-    return idx, np.maximum(d[np.arange(len(x)), idx] + x_sq, 0.0)
+    idx = np.empty(len(x), dtype=np.int64)
+    dist = np.empty(len(x), dtype=np.float32)
+    for a in range(0, len(x), chunk):
+        xc = x[a : a + chunk]
+        d = c_sq[None, :] - 2.0 * (xc @ centroids.T)
+        i = np.argmin(d, axis=1)
+        idx[a : a + chunk] = i
+        dist[a : a + chunk] = np.maximum(d[np.arange(len(xc)), i] + np.einsum("ij,ij->i", xc, xc), 0.0)
+    return idx, dist
 
 
 # --------------------------------------------------------------------------- the tree
@@ -210,14 +220,15 @@ def fit_codebook(x: np.ndarray, cfg: QuantizeConfig, on_level=None) -> tuple[Cod
             # One seed per node, derived from the node's position: the same tree whatever
             # order or backend speed.
             seed = (cfg.seed * 1_000_003 + l * 65_537 + p) % (2**31 - 1)
-            c = _children_of(x[rows], cfg.k, cfg, seed, parents_prev[p])
+            pts = x if len(rows) == len(x) else x[rows]  # the root needs no copy of the sample
+            c = _children_of(pts, cfg.k, cfg, seed, parents_prev[p])
             first.append(sum(len(cc) for cc in cents))
             count.append(len(c))
             cents.append(c)
             parent += [p] * len(c)
             child_index += list(range(len(c)))
             if len(rows):
-                j, d = nearest(x[rows], c)
+                j, d = nearest(pts, c)
                 total += float(d.sum())
                 new_groups += [rows[j == i] for i in range(len(c))]
             else:
