@@ -69,11 +69,16 @@ class QuantizeConfig:
         return self.k ** self.levels
 
 
-def normalize_rows(x: np.ndarray, how: str) -> np.ndarray:
+def normalize_rows(x: np.ndarray, how: str, inplace: bool = False) -> np.ndarray:
+    """float32 rows, L2-normalised when ``how == "l2"``; ``inplace`` spares a copy of a large sample."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if how == "l2":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.maximum(norms, 1e-12)  # an all-zero clip stays zero instead of NaN
-    return np.ascontiguousarray(x, dtype=np.float32)
+        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # zero rows stay zero, not NaN
+        if inplace:
+            x /= norms
+        else:
+            x = x / norms
+    return x
 
 
 # --------------------------------------------------------------------------- k-means backends

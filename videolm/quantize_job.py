@@ -158,7 +158,7 @@ def _quantize(directory, readers, cfg, cfg_json, features_key, existing, progres
     else:
         t = time.monotonic()
         sample = sample_features(readers, cfg.sample, cfg.seed, progress)
-        sample = normalize_rows(sample, cfg.normalize)
+        sample = normalize_rows(sample, cfg.normalize, inplace=True)
         bars = {}
 
         def on_level(level, done, total):
@@ -243,7 +243,7 @@ def _assign_shard(reader: ShardReader, codebook: Codebook):
     tokens, paths = [np.zeros(0, np.int32)], [np.zeros((0, codebook.depth), np.int16)]
     for a, block in reader.iter_blocks():
         _check_finite(block, reader, a)
-        w, p, _ = codebook.assign(normalize_rows(block, codebook.normalize))
+        w, p, _ = codebook.assign(normalize_rows(block, codebook.normalize, inplace=True))
         tokens.append(w)
         paths.append(p)
     return np.concatenate(tokens), np.concatenate(paths)
