@@ -227,8 +227,12 @@ def test_nan_features_error_and_nothing_written(tmp_path):
     with pytest.raises(QuantizeError, match=r"shard_00001.h5: NaN/inf features at row 20 \(video 's1v2'\)"):
         run_quantize(d, QuantizeConfig(k=3, levels=2, sample=10_000), progress=False)
     assert set(p.name for p in d.iterdir()) == names
-    with pytest.raises(QuantizeError, match="NaN"):  # not in the sample: caught while assigning
+    with pytest.raises(QuantizeError, match=r"row 20 \(video 's1v2'\)"):  # not in the sample: caught assigning
         run_quantize(d, QuantizeConfig(k=3, levels=2, sample=5), progress=False)
+    with h5py.File(d / shard_name(1), "r+") as f:  # now in most samples, among rows not all picked
+        f["features"][20:, 3] = np.nan
+    with pytest.raises(QuantizeError, match=r"shard_00001.h5: NaN/inf features at row 2\d \(video 's1v2'\)"):
+        run_quantize(d, QuantizeConfig(k=3, levels=2, sample=60), progress=False)
     assert set(p.name for p in d.iterdir()) == names
 
 

@@ -55,10 +55,11 @@ def _video_at(reader: ShardReader, row: int) -> str:
     return "?"
 
 
-def _check_finite(block: np.ndarray, reader: ShardReader, first_row: int) -> None:
-    bad = ~np.isfinite(block).all(axis=1)
+def _check_finite(values: np.ndarray, reader: ShardReader, rows: np.ndarray) -> None:
+    """``values[i]`` is row ``rows[i]`` of the shard; name the first bad row's video."""
+    bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
-        row = first_row + int(np.argmax(bad))
+        row = int(rows[int(np.argmax(bad))])
         raise QuantizeError(f"{reader.path.name}: NaN/inf features at row {row} (video {_video_at(reader, row)!r}); "
                             "re-extract that shard")
 
@@ -77,8 +78,9 @@ def sample_features(readers: list[ShardReader], n: int, seed: int, progress: boo
             local = rows[(rows >= starts[i]) & (rows < starts[i + 1])] - starts[i]
             for a, block in r.iter_blocks(rows=local):
                 pick = local[(local >= a) & (local < a + len(block))] - a
-                _check_finite(block[pick], r, a)
-                out[filled : filled + len(pick)] = block[pick]
+                picked = block[pick]
+                _check_finite(picked, r, a + pick)
+                out[filled : filled + len(pick)] = picked  # float16 -> float32 on assignment
                 filled += len(pick)
             bar.update(1)
     return out
@@ -242,7 +244,7 @@ def _remove_stale(directory: Path, keep: set[str]) -> None:
 def _assign_shard(reader: ShardReader, codebook: Codebook):
     tokens, paths = [np.zeros(0, np.int32)], [np.zeros((0, codebook.depth), np.int16)]
     for a, block in reader.iter_blocks():
-        _check_finite(block, reader, a)
+        _check_finite(block, reader, np.arange(a, a + len(block)))
         w, p, _ = codebook.assign(normalize_rows(block, codebook.normalize, inplace=True))
         tokens.append(w)
         paths.append(p)

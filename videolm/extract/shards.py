@@ -188,7 +188,7 @@ class ShardReader:
         return int(self._file["features"].shape[0])
 
     def iter_blocks(self, block: int = 16384, rows: np.ndarray | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, float32 features) for consecutive blocks of rows.
+        """Yield (first row, features as stored: float16) for consecutive blocks of rows.
 
         With ``rows`` (sorted row numbers), only blocks holding one of them are read,
         so sampling a small fraction of a large shard does not read all of it.
@@ -198,7 +198,7 @@ class ShardReader:
             b = min(a + block, ds.shape[0])
             if rows is not None and np.searchsorted(rows, a) == np.searchsorted(rows, b):
                 continue
-            yield a, ds[a:b].astype(np.float32)
+            yield a, ds[a:b]  # callers cast what they keep; a float32 copy of every block is wasted work
 
     def video_spans(self) -> list[tuple[str, int, int]]:
         """(video_id, first row, number of clips) for every video, in file order."""
