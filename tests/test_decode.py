@@ -112,3 +112,16 @@ def test_bad_files_raise_clear_errors(tmp_path, backend):
             decode_clips(path, spec, backend)
         assert reason in str(err.value), (name, str(err.value))
         assert str(path) in str(err.value)
+
+
+def test_raw_stream_without_timestamps_uses_the_nominal_rate(tmp_path):
+    path = write_test_video(tmp_path / "raw.h264", n_frames=50, fps=25)  # no container: no pts at all
+    clips = decode_clips(path, SamplingSpec(fps=4, frames_per_clip=4, short_side=None), "av")
+    assert clips.duration == pytest.approx(2.0) and clips.starts.tolist() == [0.0, 1.0]
+    for c, start in enumerate(clips.starts):
+        for j in range(4):
+            k = int((start + j / 4) * 25 + 1e-6)
+            x = int(np.argmax(clips.frames[c, j, 32].mean(axis=1) > 150))
+            assert abs(x - 2 * k) <= 1
+    with pytest.raises(DecodeError, match="decord cannot open"):
+        decode_clips(path, SamplingSpec(), "decord")

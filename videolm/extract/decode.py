@@ -135,6 +135,7 @@ class _Probe:
     width: int
     height: int
     time_base: float
+    rate: float | None = None  # the stream's nominal frame rate, used only when frames have no timestamps
 
 
 def _av_probe(path: str) -> _Probe:
@@ -147,13 +148,14 @@ def _av_probe(path: str) -> _Probe:
         if not width or not height:
             raise DecodeError(path, "video stream has no frame size")
         tb = float(stream.time_base)
+        rate = float(stream.guessed_rate or stream.average_rate or 0) or None
         pts = []
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream flush packet
                 if packet.pts is None:
-                    return _Probe(None, None, width, height, tb)  # caller decodes for timestamps
+                    return _Probe(None, None, width, height, tb, rate)  # caller decodes for timestamps
                 pts.append(packet.pts)
         except av.error.FFmpegError as exc:
             read_error = str(exc)  # judged below: a few lost packets are tolerable, a cut-off file is not
@@ -180,7 +182,7 @@ def _av_probe(path: str) -> _Probe:
             f"{declared_seconds:.2f} s but only {len(pts_arr)} frames ({times[-1]:.2f} s) could be read"
             + (f" ({read_error})" if read_error else ""),
         )
-    return _Probe(times, pts_arr, width, height, tb)
+    return _Probe(times, pts_arr, width, height, tb, rate)
 
 
 def _iter_decoded(path: str, threads: int):
@@ -217,11 +219,14 @@ class _AvBackend:
         self.path, self.spec, self.threads = path, spec, threads
         probe = _av_probe(path)
         self.width, self.height, self.tb = probe.width, probe.height, probe.time_base
+        self.by_count = False
         if probe.times is None:
             # Packets without timestamps (raw streams): take times from a decode pass.
-            self.times, self.first_pts, self.index_of = self._times_by_decoding(), None, {}
+            raw = self._times_by_decoding(probe.rate)
+            self.times, self.time_zero, self.first_pts, self.index_of = raw - raw[0], raw[0], None, {}
         else:
             self.times, self.first_pts = probe.times, int(probe.pts[0])
+            self.time_zero = self.first_pts * self.tb
             self.index_of = {int(p): k for k, p in enumerate(probe.pts)}
         # One reformatter for the whole video: building a scaler per frame cost ~0.7 ms
         # per sampled frame, more than decoding it.
@@ -235,12 +240,22 @@ class _AvBackend:
                                          interpolation=Interpolation.BILINEAR)
         return rgb.to_ndarray()
 
-    def _times_by_decoding(self) -> np.ndarray:
-        times = [f.time for f in _iter_decoded(self.path, self.threads) if f.time is not None]
-        if not times:
+    def _times_by_decoding(self, rate: float | None) -> np.ndarray:
+        times, n = [], 0
+        for f in _iter_decoded(self.path, self.threads):
+            n += 1
+            if f.time is not None:
+                times.append(f.time)
+        if n == 0:
             raise DecodeError(self.path, "no decodable video frames")
-        t = np.unique(np.asarray(times, dtype=np.float64))
-        return t - t[0]
+        if len(times) == n:
+            return np.unique(np.asarray(times, dtype=np.float64))
+        # A raw elementary stream carries no timestamps at all: the nominal rate is the
+        # only clock there is, and frames are then matched by their count.
+        if not rate:
+            raise DecodeError(self.path, "frames carry no timestamps and the stream declares no frame rate")
+        self.by_count = True
+        return np.arange(n) / rate
 
     def frames(self, plan: ClipPlan, window: int) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
         """Yield (first clip of window, {frame index: rgb}) per window of clips."""
@@ -251,10 +266,12 @@ class _AvBackend:
         wanted = set(np.unique(plan.frame_index).tolist())
         w0, got, last_rgb, last_idx = 0, {}, None, -1
         top = int(plan.frame_index[:window].max())
-        for frame in _iter_decoded(self.path, self.threads):
+        for count, frame in enumerate(_iter_decoded(self.path, self.threads)):
             # Matched by timestamp, not by count: a damaged packet may drop a frame.
             k = self.index_of.get(frame.pts, -1) if frame.pts is not None else -1
-            if k < 0:
+            if self.by_count:
+                k = count
+            elif k < 0:
                 t = self._frame_time(frame)
                 if t is None:
                     continue
@@ -279,10 +296,11 @@ class _AvBackend:
             w0 += window
 
     def _frame_time(self, frame) -> float | None:
-        if frame.pts is not None and self.first_pts is not None and self.tb:
+        """Seconds since the first frame, on the same clock as ``self.times``."""
+        if frame.pts is not None and self.first_pts is not None:
             return (frame.pts - self.first_pts) * self.tb
         if frame.time is not None:
-            return frame.time - (self.first_pts or 0) * (self.tb or 0)
+            return frame.time - self.time_zero
         return None
 
 
