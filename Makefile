@@ -26,7 +26,9 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_extract.py > bench_extract.json
+	$(PY) benchmarks/bench_quantize.py > bench_quantize.json
+	@echo "wrote bench_extract.json and bench_quantize.json"
 
 clean:
-	rm -rf $(VENV) demo_out bench_out *.egg-info
+	rm -rf $(VENV) demo_out bench_out *.egg-info bench_*.json
