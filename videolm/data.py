@@ -1,0 +1,184 @@
+"""Training examples over cached shards: clip features (and visual words) plus timed captions.
+
+Captions and clips meet on the time line:
+
+* a caption *covers* every clip it overlaps in time (``caption_spans``);
+* each clip belongs to the overlapping caption with the highest temporal IoU
+  (``clip_owners``, HERO's rule for assigning frames to subtitles).
+
+Example modes (``DataConfig.mode``):
+
+* ``segment`` (UniVL): one caption, or adjacent captions merged until they last
+  ``min_segment_seconds``, with the clips it covers (at most ``max_frames``);
+* ``video`` (HERO): a whole video, randomly cropped to ``max_frames`` clips when
+  longer, with every caption overlapping the crop as a subtitle;
+* ``tokens`` (VideoBERT): like ``segment``, but carrying the clips' visual words.
+
+Examples are plain dicts of numpy arrays and strings; tokenising text and padding
+into batches belong to the collate step of the trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ConfigError
+from .extract.shards import FeatureStore
+from .manifest import Caption, VideoEntry
+
+log = logging.getLogger("videolm.data")
+MODES = ("segment", "video", "tokens")
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    mode: str = "segment"
+    max_frames: int = 48
+    min_segment_seconds: float = 0.0  # UniVL merges short adjacent captions into one segment
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"data mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.max_frames < 1:
+            raise ConfigError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.min_segment_seconds < 0:
+            raise ConfigError("min_segment_seconds must be >= 0")
+
+
+def caption_spans(starts: np.ndarray, ends: np.ndarray, captions: list[Caption]) -> np.ndarray:
+    """(n_captions, 2) first and last clip index each caption overlaps; (-1, -1) when none.
+
+    Overlap is strict (a clip that ends exactly where a caption starts is not
+    covered), except that a zero-length caption covers the clip it falls in.
+    """
+    out = np.full((len(captions), 2), -1, dtype=np.int64)
+    for i, c in enumerate(captions):
+        if c.end > c.start:
+            hit = np.nonzero((starts < c.end) & (ends > c.start))[0]
+        else:
+            hit = np.nonzero((starts <= c.start) & (ends > c.start))[0]
+        if len(hit):
+            out[i] = hit[0], hit[-1]
+    return out
+
+
+def clip_owners(starts: np.ndarray, ends: np.ndarray, captions: list[Caption]) -> np.ndarray:
+    """(n_clips,) index of the caption with the highest temporal IoU with each clip; -1 if none.
+
+    Ties go to the earlier caption, so the result does not depend on list order
+    beyond what the manifest gives.
+    """
+    if not captions:
+        return np.full(len(starts), -1, dtype=np.int64)
+    cs = np.array([c.start for c in captions])[None, :]
+    ce = np.array([c.end for c in captions])[None, :]
+    inter = np.clip(np.minimum(ends[:, None], ce) - np.maximum(starts[:, None], cs), 0, None)
+    union = np.maximum(ends[:, None], ce) - np.minimum(starts[:, None], cs)
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    owner = np.argmax(iou, axis=1)
+    owner[iou[np.arange(len(starts)), owner] <= 0] = -1
+    return owner
+
+
+def merge_segments(captions: list[Caption], min_seconds: float) -> list[tuple[int, int]]:
+    """Groups of adjacent captions (in time order) lasting at least ``min_seconds``.
+
+    Returns (first, last) positions into ``sorted_by_time(captions)``. A short tail
+    joins the previous group rather than standing alone.
+    """
+    groups: list[tuple[int, int]] = []
+    i = 0
+    order = sorted_by_time(captions)
+    while i < len(order):
+        j = i
+        while order[j].end - order[i].start < min_seconds and j + 1 < len(order):
+            j += 1
+        groups.append((i, j))
+        i = j + 1
+    if len(groups) > 1 and order[groups[-1][1]].end - order[groups[-1][0]].start < min_seconds:
+        (a, _), (_, b) = groups[-2], groups.pop()
+        groups[-1] = (a, b)
+    return groups
+
+
+def sorted_by_time(captions) -> list[Caption]:
+    return sorted(captions, key=lambda c: (c.start, c.end))
+
+
+class VideoTextDataset:
+    """Random-access examples for one split; a video is read from its shard on demand."""
+
+    def __init__(self, store: FeatureStore, entries: list[VideoEntry], cfg: DataConfig, seed: int = 0):
+        self.store, self.cfg, self.seed, self.epoch = store, cfg, seed, 0
+        present = [e for e in entries if e.video_id in store]
+        self.missing = len(entries) - len(present)
+        if not present:
+            raise DataError(f"none of the {len(entries)} manifest videos are in the shards of {store.directory}")
+        if self.missing:
+            log.warning("%d of %d manifest videos have no features (failed or not extracted); skipped",
+                        self.missing, len(entries))
+        if cfg.mode == "tokens" and store.codebook_attrs is None:
+            raise DataError(f"mode 'tokens' needs visual words: run `videolm quantize --features {store.directory}`")
+        self.videos = present
+        self.examples: list[tuple[int, tuple[int, int] | None]] = []  # (video, caption group in time order)
+        self.uncovered = 0
+        for vi, e in enumerate(present):
+            caps = sorted_by_time(e.captions)
+            if cfg.mode == "video":
+                self.examples.append((vi, None))
+                continue
+            for group in merge_segments(caps, cfg.min_segment_seconds):
+                self.examples.append((vi, group))
+        if not self.examples:
+            raise DataError("no examples: the videos in the shards have no captions")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random crops depend on (seed, epoch, index) only, so a resumed run sees the same data."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        vi, group = self.examples[index]
+        entry = self.videos[vi]
+        feats = self.store.get(entry.video_id)
+        caps = sorted_by_time(entry.captions)
+        n = len(feats.features)
+        if group is None:  # whole video, random crop
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            first = int(rng.integers(0, n - self.cfg.max_frames + 1)) if n > self.cfg.max_frames else 0
+            last = min(n, first + self.cfg.max_frames) - 1
+            texts = caps
+        else:
+            texts = caps[group[0] : group[1] + 1]
+            spans = caption_spans(feats.starts, feats.ends, texts)
+            covered = spans[spans[:, 0] >= 0]
+            if len(covered):
+                first, last = int(covered[:, 0].min()), int(covered[:, 1].max())
+            else:  # caption outside every clip (e.g. past a truncated video's end): nearest clip
+                t = texts[0].start
+                first = last = int(np.argmin(np.abs(feats.starts - t)))
+            last = min(last, first + self.cfg.max_frames - 1)
+        sl = slice(first, last + 1)
+        starts, ends = feats.starts[sl], feats.ends[sl]
+        spans = caption_spans(starts, ends, texts)
+        keep = spans[:, 0] >= 0 if group is None else np.ones(len(texts), bool)
+        texts = [c for c, k in zip(texts, keep) if k]
+        return {
+            "video_id": entry.video_id,
+            "features": feats.features[sl],
+            "tokens": None if feats.tokens is None else feats.tokens[sl],
+            "clip_starts": starts,
+            "clip_ends": ends,
+            "texts": [c.text for c in texts],
+            "text_spans": spans[keep],
+            "clip_owner": clip_owners(starts, ends, texts),
+        }
