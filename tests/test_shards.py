@@ -26,7 +26,8 @@ def test_round_trip(tmp_path):
         b = r.get("b")
         expected = (np.arange(30, dtype=np.float32).reshape(5, 6) / 7).astype(np.float16).astype(np.float32)
         np.testing.assert_array_equal(b.features, expected)
-        np.testing.assert_array_equal(b.starts, np.arange(5)) and np.testing.assert_array_equal(b.ends, np.arange(5) + 1)
+        np.testing.assert_array_equal(b.starts, np.arange(5))
+        np.testing.assert_array_equal(b.ends, np.arange(5) + 1)
         assert b.duration == 5.5
         assert r.failures() == [("bad", "file does not exist")]
         assert r.attrs["num_clips"] == 8 and r.attrs["format_version"] == 1

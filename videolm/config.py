@@ -8,7 +8,6 @@ rather than a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Type, TypeVar
@@ -142,10 +141,6 @@ def load_yaml(path: str | Path, cls: Type[T]) -> T:
 
 def save_yaml(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
-def to_json(cfg) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
 
 
 # Nested dataclass types by name, so from_dict can rebuild them from plain dicts.

@@ -204,16 +204,20 @@ class ShardReader:
         """(video_id, first row, number of clips) for every video, in file order."""
         return [(v, int(o), int(n)) for v, o, n in zip(self.video_ids, self._offsets, self._counts)]
 
-    def get(self, video_id: str) -> VideoFeatures:
+    def rows(self, video_id: str) -> tuple[int, int]:
+        """(first row, number of clips) of a video in ``features`` (and in its token file)."""
         i = self._row[video_id]
-        a, n = int(self._offsets[i]), int(self._counts[i])
+        return int(self._offsets[i]), int(self._counts[i])
+
+    def get(self, video_id: str) -> VideoFeatures:
+        a, n = self.rows(video_id)
         times = self._file["clip_times"][a : a + n]
         return VideoFeatures(
             video_id=video_id,
             features=self._file["features"][a : a + n].astype(np.float32),
             starts=times[:, 0],
             ends=times[:, 1],
-            duration=float(self._durations[i]),
+            duration=float(self._durations[self._row[video_id]]),
         )
 
     def failures(self) -> list[tuple[str, str]]:
@@ -312,8 +316,7 @@ class FeatureStore:
         out = shard.get(video_id)
         tok = self._shard_tokens(shard)
         if tok is not None:
-            i = shard._row[video_id]
-            a, n = int(shard._offsets[i]), int(shard._counts[i])
+            a, n = shard.rows(video_id)
             out.tokens, out.token_paths = tok[0][a : a + n], tok[1][a : a + n]
         return out
 
