@@ -82,8 +82,29 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="videolm quantize"):
         VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=(Caption(0, 1, "a"),))],
                          DataConfig(mode="tokens"))
-    with pytest.raises(DataError, match="no captions"):
+    with pytest.raises(DataError, match="has a caption overlapping its clips"):
         VideoTextDataset(store, [VideoEntry("v1", "x", "train")], DataConfig())
+
+
+def test_captions_outside_clips_are_counted_and_skipped(tmp_path, caplog):
+    store = make_store(tmp_path, [("v1", 3), ("v2", 4)])
+    entries = [VideoEntry("v1", "x", "train", captions=(Caption(0, 1, "in"), Caption(7, 9, "past the end"))),
+               VideoEntry("v2", "x", "train", captions=(Caption(10, 12, "also past"),))]
+    for mode in ("segment", "video"):
+        ds = VideoTextDataset(store, entries, DataConfig(mode=mode))
+        assert ds.uncovered == 2 and len(ds) == 1 and ds[0]["texts"] == ["in"]
+    assert "2 caption(s) overlap no clip" in caplog.text and "v1 [7.00, 9.00] s" in caplog.text
+    with pytest.raises(DataError, match="has a caption overlapping"):
+        VideoTextDataset(store, entries[1:], DataConfig())
+
+
+def test_items_by_index_and_epoch_match_set_epoch(tmp_path):
+    store = make_store(tmp_path, [("v1", 30)])
+    caps = (Caption(0.0, 30.0, "all"),)
+    ds = VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=caps)], DataConfig(mode="video", max_frames=4))
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        np.testing.assert_array_equal(ds[0]["features"], ds[(0, epoch)]["features"])
 
 
 def test_tokens_mode_carries_visual_words(tmp_path):

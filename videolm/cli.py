@@ -155,6 +155,52 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _add_pretrain(sub):
+    p = sub.add_parser(
+        "pretrain", help="pretrain a video-text model over feature shards with a recipe of objectives",
+        description="Train the video-text model on cached shards and the manifest's timed captions. Recipes "
+                    "(pipelines/videobert.yaml, univl.yaml, hero.yaml, demo.yaml) mix the objectives mlm, mvm, "
+                    "mfm_nce, mfm_reg, fom, vsm, joint, align and caption. Multi-process: "
+                    "torchrun --nproc-per-node N -m videolm pretrain ...",
+    )
+    p.add_argument("--config", help="recipe YAML (required unless --resume finds the run's own config)")
+    p.add_argument("--features", required=True, help="feature directory (shards, and codebook for visual words)")
+    p.add_argument("--manifest", required=True, help="manifest JSONL with timed captions")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, TensorBoard, plots")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--text-init", help="text encoder start: default (MiniLM-L6), none, or a local BERT directory "
+                                       "(same as the override model.text_init=...)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. max_steps=200 batch_size=16 lr=1e-4 mlm.weight=2 mixing=sample")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    from .checkpoint import latest_checkpoint
+    from .recipe import load_recipe
+    from .train import run_pretrain
+
+    overrides = list(args.overrides) + ([f"model.text_init={args.text_init}"] if args.text_init else [])
+    config = args.config
+    if config is None:
+        ckpt = latest_checkpoint(args.out) if args.resume and Path(args.out).exists() else None
+        if ckpt is None:
+            from .config import ConfigError
+
+            raise ConfigError("--config is required (no checkpoint to resume from in --out)")
+        config = ckpt / "config.yaml"
+    cfg = load_recipe(config, overrides)
+    summary = run_pretrain(cfg, args.features, args.manifest, args.out, resume=args.resume,
+                           progress=not args.quiet)
+    if summary.get("loss_plot") is not None or summary["world_size"] == 1:
+        print(f"pretrain: {summary['steps']} steps in {summary['seconds']:.1f} s "
+              f"({summary['examples_per_s']:.1f} examples/s on {summary['device']}); "
+              f"checkpoint {summary['checkpoint']}")
+        print(f"pretrain: metrics {args.out}/metrics.jsonl (+ .csv, tensorboard/), loss curves {summary.get('loss_plot')}")
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default (synthetic videos)",
                        description="Synthesize a small set of videos, extract 'pixels' features and print a summary.")
@@ -183,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_extract(sub)
     _add_quantize(sub)
+    _add_pretrain(sub)
     _add_demo(sub)
     return parser
 
@@ -203,14 +250,18 @@ def main(argv: list[str] | None = None) -> int:
     from .extract.shards import ShardError
     from .manifest import ManifestError
     from .quantize_job import QuantizeError
+    from .config import TrainError
+    from .data import DataError
 
     try:
         return args.func(args)
-    except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError) as exc:
+    except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError,
+            DataError, TrainError) as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"videolm {args.command}: interrupted; finished shards are kept, re-run to resume", file=sys.stderr)
+        print(f"videolm {args.command}: interrupted; completed work is kept, re-run the same command "
+              f"({'with --resume ' if args.command == 'pretrain' else ''}to continue)", file=sys.stderr)
         return 130
 
 

@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     pass
 
 
+class TrainError(RuntimeError):
+    """A pretraining run that cannot go on (too little data for a batch, a non-finite loss).
+
+    Defined here, not in train.py, so the CLI can catch it without importing torch.
+    """
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
     """How clips are cut from a video.
@@ -123,11 +130,30 @@ def from_dict(cls: Type[T], data: dict[str, Any]) -> T:
     for name, value in data.items():
         ftype = fields[name].type
         nested = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[name] = from_dict(nested, value) if nested is not None and isinstance(value, dict) else value
+        if nested is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(nested, value)
+        else:
+            kwargs[name] = _coerce(cls.__name__, name, ftype if isinstance(ftype, str) else str(ftype), value)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def _coerce(owner: str, name: str, ftype: str, value):
+    """Numbers from YAML/CLI text: PyYAML reads ``1e-4`` as a string (YAML 1.1 wants ``1.0e-4``)."""
+    base = ftype.replace(" ", "").replace("|None", "")
+    if value is None or base not in ("int", "float") or isinstance(value, bool):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner}.{name}: expected a number, got {value!r}") from None
+    if base == "int":
+        if number != int(number):
+            raise ConfigError(f"{owner}.{name}: expected an integer, got {value!r}")
+        return int(number)
+    return number
 
 
 def load_yaml(path: str | Path, cls: Type[T]) -> T:

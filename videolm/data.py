@@ -21,6 +21,7 @@ into batches belong to the collate step of the trainer.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,10 +114,18 @@ def sorted_by_time(captions) -> list[Caption]:
 
 
 class VideoTextDataset:
-    """Random-access examples for one split; a video is read from its shard on demand."""
+    """Random-access examples for one split; a video is read from its shard on demand.
+
+    Items are addressed by ``index`` or ``(index, epoch)``: the random crop of a
+    long video depends on (seed, epoch, index) only, so DataLoader workers and a
+    resumed run see exactly the same data. Each process opens its own shard
+    handles (HDF5 handles must not cross a fork).
+    """
 
     def __init__(self, store: FeatureStore, entries: list[VideoEntry], cfg: DataConfig, seed: int = 0):
-        self.store, self.cfg, self.seed, self.epoch = store, cfg, seed, 0
+        self.cfg, self.seed, self.epoch = cfg, seed, 0
+        self.directory = store.directory
+        self._store, self._pid = store, os.getpid()
         present = [e for e in entries if e.video_id in store]
         self.missing = len(entries) - len(present)
         if not present:
@@ -128,49 +137,64 @@ class VideoTextDataset:
             raise DataError(f"mode 'tokens' needs visual words: run `videolm quantize --features {store.directory}`")
         self.videos = present
         self.examples: list[tuple[int, tuple[int, int] | None]] = []  # (video, caption group in time order)
-        self.uncovered = 0
+        uncovered: list[str] = []  # captions overlapping no clip of their video
         for vi, e in enumerate(present):
             caps = sorted_by_time(e.captions)
+            times = store.clip_times(e.video_id)
+            spans = caption_spans(times[:, 0], times[:, 1], caps)
+            for c, sp in zip(caps, spans):
+                if sp[0] < 0:
+                    uncovered.append(f"{e.video_id} [{c.start:.2f}, {c.end:.2f}] s "
+                                     f"(clips cover {times[0, 0]:.2f}-{times[-1, 1]:.2f} s)")
             if cfg.mode == "video":
-                self.examples.append((vi, None))
+                if (spans[:, 0] >= 0).any():
+                    self.examples.append((vi, None))
                 continue
-            for group in merge_segments(caps, cfg.min_segment_seconds):
-                self.examples.append((vi, group))
+            for a, b in merge_segments(caps, cfg.min_segment_seconds):
+                if (spans[a : b + 1, 0] >= 0).any():  # a segment needs at least one caption on its clips
+                    self.examples.append((vi, (a, b)))
+        self.uncovered = len(uncovered)
+        if uncovered:
+            log.warning("%d caption(s) overlap no clip of their video and are left out, e.g. %s",
+                        len(uncovered), "; ".join(uncovered[:3]))
         if not self.examples:
-            raise DataError("no examples: the videos in the shards have no captions")
+            raise DataError(f"no examples: none of the {len(present)} videos with features has a caption "
+                            "overlapping its clips")
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._pid != os.getpid():  # a forked DataLoader worker: open our own handles
+            self._store, self._pid = FeatureStore(self.directory), os.getpid()
+        return self._store
 
     def set_epoch(self, epoch: int) -> None:
-        """Random crops depend on (seed, epoch, index) only, so a resumed run sees the same data."""
         self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        index, epoch = item if isinstance(item, tuple) else (item, self.epoch)
         vi, group = self.examples[index]
         entry = self.videos[vi]
         feats = self.store.get(entry.video_id)
         caps = sorted_by_time(entry.captions)
         n = len(feats.features)
         if group is None:  # whole video, random crop
-            rng = np.random.default_rng((self.seed, self.epoch, index))
+            rng = np.random.default_rng((self.seed, epoch, index))
             first = int(rng.integers(0, n - self.cfg.max_frames + 1)) if n > self.cfg.max_frames else 0
             last = min(n, first + self.cfg.max_frames) - 1
             texts = caps
         else:
             texts = caps[group[0] : group[1] + 1]
             spans = caption_spans(feats.starts, feats.ends, texts)
-            covered = spans[spans[:, 0] >= 0]
-            if len(covered):
-                first, last = int(covered[:, 0].min()), int(covered[:, 1].max())
-            else:  # caption outside every clip (e.g. past a truncated video's end): nearest clip
-                t = texts[0].start
-                first = last = int(np.argmin(np.abs(feats.starts - t)))
+            covered = spans[spans[:, 0] >= 0]  # non-empty: __init__ keeps only such segments
+            first, last = int(covered[:, 0].min()), int(covered[:, 1].max())
             last = min(last, first + self.cfg.max_frames - 1)
         sl = slice(first, last + 1)
         starts, ends = feats.starts[sl], feats.ends[sl]
         spans = caption_spans(starts, ends, texts)
-        keep = spans[:, 0] >= 0 if group is None else np.ones(len(texts), bool)
+        keep = spans[:, 0] >= 0
         texts = [c for c, k in zip(texts, keep) if k]
         return {
             "video_id": entry.video_id,

@@ -209,6 +209,11 @@ class ShardReader:
         i = self._row[video_id]
         return int(self._offsets[i]), int(self._counts[i])
 
+    def clip_times(self, video_id: str) -> np.ndarray:
+        """(n_clips, 2) clip start and end times, without reading features."""
+        a, n = self.rows(video_id)
+        return self._file["clip_times"][a : a + n]
+
     def get(self, video_id: str) -> VideoFeatures:
         a, n = self.rows(video_id)
         times = self._file["clip_times"][a : a + n]
@@ -319,6 +324,9 @@ class FeatureStore:
             a, n = shard.rows(video_id)
             out.tokens, out.token_paths = tok[0][a : a + n], tok[1][a : a + n]
         return out
+
+    def clip_times(self, video_id: str) -> np.ndarray:
+        return self._where[video_id].clip_times(video_id)
 
     def failures(self) -> list[tuple[str, str]]:
         return [f for s in self.shards for f in s.failures()]

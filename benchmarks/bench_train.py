@@ -1,0 +1,549 @@
+#!/usr/bin/env python
+"""Pretraining throughput (videolm/train.py): the real shard loader against in-memory batches.
+
+Prints ONE JSON object on stdout (progress goes to stderr). Every ratio compares
+measurements taken in the same process run, so it holds on a noisy machine.
+
+Data: ``--videos`` synthetic videos written straight into HDF5 shards with
+``ShardWriter`` (random float features of ``--feature-dim`` dims, 10-60 one-second
+clips per video, ``--shards`` shards) and a manifest of timed captions written with
+``write_manifest``. No video is decoded: this benchmark is about training.
+
+Recipe: ``pipelines/univl.yaml`` when it exists (its last stage, i.e. UniVL stage 2),
+otherwise a built-in UniVL stage-2 recipe (joint + mlm + mfm_nce + align + caption,
+``mixing: sum``) made with ``recipe_from_dict``. Either way the model is overridden
+to a fixed size (``--size small`` on CPU, ``--size base`` for a GPU), so the
+numbers do not move when the recipe's own sizes change. ``recipe.source`` says which.
+
+Measured, for the same model (rebuilt from the same seed for every run), the same
+objectives, the same step seeds and the same batches:
+
+* ``loader_w<N>``: a ``torch.utils.data.DataLoader`` over ``VideoTextDataset`` with
+  ``PlannedBatches`` and ``Collator``, built exactly as ``videolm/train.py`` builds it,
+  with N workers (``--workers``, default: TrainConfig's default, then 0);
+* ``memory``: the same first ``warmup + steps`` batches of that plan collated into a
+  list before the clock starts, then replayed.
+
+One timed run = ``--warmup`` untimed optimizer steps, then ``--steps`` timed ones of
+the full train step of train.py (objectives' forward, weighted loss sum, backward,
+grad clipping, AdamW, scheduler), including the wait for the next batch. Runs of the
+modes alternate for ``--rounds`` rounds (the order flips every round) and medians are
+reported. ``loader_overhead = 1 - loader examples/s / memory examples/s``; the target
+is <= 0.10 for the default worker count. ``losses_match`` checks that the loader and
+the in-memory list really fed identical batches (per-step losses of the first run of
+each mode compared).
+
+``per_objective``: every objective of the stage alone, forward + backward seconds
+per step (median) on the in-memory batches; ``optimizer_step_s`` is clip + AdamW.
+``loader_alone``: the DataLoader iterated without training (how fast it can feed),
+and ``main_process_costs``: per batch, ``dataset[i]`` (HDF5 read + caption/clip
+alignment) and ``Collator`` (padding + tokenisation) timed in this process.
+
+GPU: ``--device cuda --precision bf16 --size base`` (autocast as in train.py) also
+reports ``torch.cuda.max_memory_allocated`` per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+GEN_VERSION = 1
+LOADER_TARGET = 0.10
+
+# Fixed model sizes (the recipe's own sizes are overridden, so results do not move with it).
+# `small` is a scaled-down UniVL that trains at about 1 step/s on 2 CPU cores; `base` is
+# UniVL's shape: a BERT-base text encoder (12 layers of 768, 12 heads; from scratch,
+# text_init none, because no BERT-base weights are available offline), 6 video layers,
+# 2 cross layers, 3 decoder layers, no temporal encoder, 48 frames and 48 words.
+SIZES = {
+    "small": {"model": {"hidden": 256, "heads": 4, "text_init": "none", "text_layers": 2, "video_layers": 2,
+                        "cross_layers": 1, "temporal_layers": 0, "decoder_layers": 1, "max_frames": 32,
+                        "max_text_len": 48, "embed_dim": 256},
+              "data": {"max_frames": 32}},
+    "base": {"model": {"hidden": 768, "heads": 12, "text_init": "none", "text_layers": 12, "video_layers": 6,
+                       "cross_layers": 2, "temporal_layers": 0, "decoder_layers": 3, "max_frames": 48,
+                       "max_text_len": 48, "embed_dim": 768},
+             "data": {"max_frames": 48}},
+}
+
+# UniVL stage 2 (the paper's full objective set), used when pipelines/univl.yaml does not exist.
+BUILTIN_UNIVL = {
+    "data": {"mode": "segment", "max_frames": 48, "min_segment_seconds": 5.0},
+    "model": {},
+    "train": {"batch_size": 32, "lr": 1e-4, "warmup_steps": 100, "schedule": "linear", "max_steps": 1000},
+    "mixing": "sum",
+    "objectives": {
+        "joint": {"weight": 1.0},
+        "mlm": {"weight": 1.0, "mask_prob": 0.15},
+        "mfm_nce": {"weight": 1.0, "mask_prob": 0.15},
+        "align": {"weight": 1.0, "negatives": 3},
+        "caption": {"weight": 1.0, "input_mask_prob": 0.15},
+    },
+}
+
+WORDS = ("the a and to of in it you this we is that so on with for just your going now then here cut add "
+         "take put make one two little bit more over right back into some water oil salt pan heat minutes "
+         "until about when if can will get like really want need okay all out up down side top start "
+         "let's slowly together through around piece small large cup board knife fold press turn mix "
+         "bowl sauce butter garlic onion stir wood glue screw drill sand paint brush edge corner hold "
+         "tighten loosen measure mark line inch half quarter finish clean wipe dry wet keep careful").split()
+
+
+def log(msg: str) -> None:
+    print(f"[bench_train] {msg}", file=sys.stderr, flush=True)
+
+
+def _r(x, n=4):
+    return None if x is None else round(float(x), n)
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_data(root: Path, videos: int, shards: int, dim: int, seed: int = 0) -> dict:
+    """Shards + manifest; reused when ``root`` already holds the same generated data."""
+    from videolm.extract.shards import ShardWriter, shard_name
+    from videolm.manifest import Caption, VideoEntry, write_manifest
+
+    feats_dir, manifest = root / "features", root / "manifest.jsonl"
+    marker = root / "bench_train_data.json"
+    want = {"version": GEN_VERSION, "videos": videos, "shards": shards, "dim": dim, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == want and manifest.exists():
+        info = json.loads((root / "bench_train_info.json").read_text())
+        return {**info, "reused": True, "features": str(feats_dir), "manifest": str(manifest)}
+    shutil.rmtree(feats_dir, ignore_errors=True)
+    feats_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    attrs = {"encoder": "s3d", "config": json.dumps({"encoder": "synthetic-s3d-like", "weights": None,
+                                                     "sampling": {"fps": 16, "frames_per_clip": 16,
+                                                                  "clip_stride": 1.0}}),
+             "num_shards": shards}
+    per_shard = -(-videos // shards)
+    entries, clips, captions = [], 0, 0
+    for s in range(shards):
+        w = ShardWriter(feats_dir / shard_name(s), dim, {**attrs, "shard_index": s})
+        for v in range(s * per_shard, min(videos, (s + 1) * per_shard)):
+            vid = f"v{v:05d}"
+            n = int(rng.integers(10, 61))  # one clip per second, like S3D at 16 fps x 16 frames
+            starts = np.arange(n, dtype=np.float32)
+            w.add_video(vid, rng.standard_normal((n, dim), dtype=np.float32), starts, starts + 1.0, float(n))
+            caps, t = [], float(rng.uniform(0, 1.5))
+            while t < n - 1:
+                end = min(float(n), t + float(rng.uniform(1.5, 5.0)))
+                text = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 17))))
+                caps.append(Caption(round(t, 2), round(end, 2), text, "asr"))
+                t = end + float(rng.uniform(0.0, 1.0))
+            entries.append(VideoEntry(vid, f"videos/{vid}.mp4", "train", float(n), tuple(caps)))
+            clips += n
+            captions += len(caps)
+        w.finish()
+    write_manifest(entries, manifest)
+    info = {"videos": videos, "shards": shards, "feature_dim": dim, "clips": clips, "captions": captions,
+            "clips_per_video": "uniform 10-60 (1 s each)", "write_s": round(time.perf_counter() - t0, 2)}
+    (root / "bench_train_info.json").write_text(json.dumps(info))
+    marker.write_text(json.dumps(want))
+    return {**info, "reused": False, "features": str(feats_dir), "manifest": str(manifest)}
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def build_recipe(args):
+    from videolm.recipe import apply_overrides, load_recipe, recipe_from_dict
+
+    path = Path(args.recipe) if args.recipe else REPO / "pipelines" / "univl.yaml"
+    if path.exists():
+        cfg, source = load_recipe(path), str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+    else:
+        cfg, source = recipe_from_dict(BUILTIN_UNIVL), "built-in UniVL stage 2 (recipe_from_dict; " \
+                                                       f"{path.name} not found)"
+    size = SIZES[args.size]
+    overrides = [f"model.{k}={v}" for k, v in size["model"].items()]
+    overrides += [f"data.{k}={v}" for k, v in size["data"].items()]
+    overrides += [f"train.batch_size={args.batch_size}", "train.grad_accum=1", f"train.precision={args.precision}",
+                  f"train.device={args.device}", f"train.seed={args.seed}",
+                  f"train.max_steps={max(1000, args.warmup + args.steps)}"]
+    return apply_overrides(cfg, overrides + list(args.overrides)), source
+
+
+# --------------------------------------------------------------------------- the train step
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Trainer:
+    """Model, objectives and optimizer exactly as ``train._train`` builds them (one process)."""
+
+    def __init__(self, cfg, mcfg, stage, objectives, device: str):
+        import torch
+
+        from videolm.model import VideoTextModel
+        from videolm.train import ObjectiveRunner, build_optimizer, lr_factor
+
+        tc = cfg.train
+        torch.manual_seed(tc.seed)
+        self.model = VideoTextModel(mcfg).to(device)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.schedule))
+        self.runner = ObjectiveRunner(self.model, objectives)
+        self.runner.train()
+        self.cfg, self.stage, self.device = cfg, stage, device
+        self.weights = {(s.name, o.name): o.weight for s in cfg.stages for o in s.objectives}
+
+    def step(self, batch_cpu: dict, step: int, names: list[str] | None = None, optimize: bool = True) -> dict:
+        """One optimizer step of train.py's loop (grad_accum 1, one process); returns timings and loss."""
+        import torch
+        import torch.nn as nn
+
+        from videolm.collate import batch_to
+        from videolm.config import TrainError
+        from videolm.train import _autocast, choose_objectives, step_seed
+
+        tc, stage, device = self.cfg.train, self.stage, self.device
+        t0 = time.perf_counter()
+        names = names or choose_objectives(stage, tc.seed, step)
+        seed = step_seed(tc.seed, step, 0)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        batch = batch_to(batch_cpu, device)
+        with _autocast(device, tc.precision):
+            out = self.runner(batch, names, gen)
+            total = 0.0
+            for name in names:
+                parts = [v for k, v in out.items() if k.endswith("_loss") and k.startswith(name)]
+                total = total + self.weights[(stage.name, name)] * sum(parts)
+            if not torch.isfinite(total):
+                raise TrainError(f"step {step + 1}: loss is {total.item()}")
+        t1 = time.perf_counter()
+        total.backward()
+        values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in out.items()}
+        values["loss"] = total.item()
+        t2 = time.perf_counter()
+        if optimize:
+            if tc.grad_clip:
+                values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        t3 = time.perf_counter()
+        return {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "opt_s": t3 - t2, "loss": values["loss"]}
+
+
+def timed_run(trainer: Trainer, batches, warmup: int, steps: int, device: str) -> dict:
+    """``warmup`` untimed steps, then ``steps`` timed ones; ``batches`` is an iterator of CPU batches."""
+    import torch
+
+    per_step, losses, wait = [], [], []
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t_start = None
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            t_start = time.perf_counter()
+        t0 = time.perf_counter()
+        batch = next(batches)
+        t1 = time.perf_counter()
+        r = trainer.step(batch, step)
+        t2 = time.perf_counter()
+        losses.append(r["loss"])
+        if step >= warmup:
+            per_step.append({**r, "data_s": t1 - t0, "step_s": t2 - t0})
+            wait.append(t1 - t0)
+    _sync(device)
+    wall = time.perf_counter() - t_start
+    bs = trainer.cfg.train.batch_size
+    out = {"wall_s": wall, "examples_per_s": bs * steps / wall, "losses": losses,
+           "median_s": {k: statistics.median(p[k] for p in per_step) for k in ("data_s", "fwd_s", "bwd_s", "opt_s",
+                                                                              "step_s")},
+           "data_wait_share": sum(wait) / wall}
+    if device.startswith("cuda"):
+        out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def _cycle(items):
+    while True:
+        yield from items
+
+
+def make_loader(dataset, sampler_args, collate, workers: int, device: str):
+    """The DataLoader of train._train, verbatim apart from the worker count."""
+    import torch
+
+    from videolm.train import PlannedBatches
+
+    sampler = PlannedBatches(*sampler_args)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--size", default=None, choices=sorted(SIZES), help="model size: small (CPU default) | base "
+                                                                      "(CUDA default)")
+    p.add_argument("--recipe", default=None, help="recipe YAML (default pipelines/univl.yaml, built-in if missing)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (small) / 64 (base)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 8 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timed run (default 2 / 10)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of alternating loader/memory runs (median)")
+    p.add_argument("--workers", default=None,
+                   help="comma-separated DataLoader worker counts; the first is the headline (default: "
+                        "TrainConfig's default, then 0)")
+    p.add_argument("--objective-steps", type=int, default=None, help="timed steps per objective (default 4 / 20)")
+    p.add_argument("--skip-objectives", action="store_true", help="leave out the per-objective timings")
+    p.add_argument("--videos", type=int, default=300)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--feature-dim", type=int, default=1024, help="clip feature size (S3D mixed_5c: 1024)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the main process (0: leave)")
+    p.add_argument("--workdir", default=None, help="where data is written (kept and reused); default: a temp dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides applied after the size (as `videolm pretrain`), e.g. model.hidden=512")
+    args = p.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.size = args.size or ("base" if cuda else "small")
+    args.batch_size = args.batch_size or (64 if args.size == "base" else 16)
+    args.steps = args.steps or (50 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    args.objective_steps = args.objective_steps or (20 if cuda else 4)
+
+    import torch
+
+    from videolm.collate import Collator
+    from videolm.data import VideoTextDataset
+    from videolm.extract.shards import FeatureStore
+    from videolm.manifest import load_manifest
+    from videolm.model import resolve_model_config
+    from videolm.objectives import TextVocab, build_objective
+    from videolm.recipe import PretrainConfig, TrainConfig
+    from videolm.text import load_tokenizer, resolve_text_dir
+    from videolm.train import PlannedBatches
+
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_workers = [TrainConfig().num_workers, 0] + ([4] if cuda else [])
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else default_workers
+    workers = list(dict.fromkeys(workers))
+
+    tmp = None
+    if args.workdir:
+        root = Path(args.workdir)
+        root.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="bench_train_")
+        root = Path(tmp)
+    t_all = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    try:
+        log(f"data: {args.videos} videos in {args.shards} shards under {root}")
+        data = make_data(root, args.videos, args.shards, args.feature_dim, args.seed)
+        cfg, source = build_recipe(args)
+        stage = cfg.stages[-1]
+        tc = cfg.train
+        store = FeatureStore(data["features"])
+        entries = load_manifest(data["manifest"], tc.split)
+        mcfg = resolve_model_config(cfg.model, store.dim, int(store.codebook_attrs["model_vocab_size"])
+                                    if store.codebook_attrs else 0)
+        cfg = PretrainConfig(cfg.data, mcfg, tc, cfg.stages)
+        dataset = VideoTextDataset(store, entries, cfg.data, seed=tc.seed)
+        tokenizer = load_tokenizer(resolve_text_dir(cfg.model.text_init))
+        vocab = TextVocab.from_tokenizer(tokenizer)
+        objectives = {n: build_objective(n, vocab, next(o.options for s in cfg.stages for o in s.objectives
+                                                        if o.name == n)) for n in cfg.objective_names}
+        collate = Collator(tokenizer, cfg.model.max_text_len, min(32, cfg.model.max_text_len))
+        sampler_args = (len(dataset), tc.batch_size, 1, 0, tc.seed, 0)
+        plan = PlannedBatches(*sampler_args)
+        n_batches = args.warmup + args.steps
+        data.update(examples=len(dataset), batches_per_epoch=plan.per_epoch)
+        log(f"{len(dataset)} examples; recipe {source}, stage {stage.name!r} ({stage.mixing}: "
+            f"{', '.join(o.name for o in stage.objectives)}), size {args.size}, batch {tc.batch_size}, "
+            f"{args.device} {tc.precision}, torch threads {torch.get_num_threads()}")
+
+        # what the main process would pay to make a batch itself (the in-memory list is made here, too)
+        get_s, col_s, memory_batches = [], [], []
+        for i in range(n_batches):
+            t0 = time.perf_counter()
+            examples = [dataset[k] for k in plan.batch(i)]
+            t1 = time.perf_counter()
+            memory_batches.append(collate(examples))
+            t2 = time.perf_counter()
+            get_s.append(t1 - t0)
+            col_s.append(t2 - t1)
+        main_costs = {"getitem_s_per_batch": _r(_median(get_s), 5), "collate_s_per_batch": _r(_median(col_s), 5),
+                      "batches": n_batches,
+                      "mean_clips_per_example": _r(np.mean([b["video_mask"].sum(1).float().mean().item()
+                                                            for b in memory_batches]), 2),
+                      "mean_text_tokens": _r(np.mean([b["text_mask"].sum(1).float().mean().item()
+                                                      for b in memory_batches]), 2)}
+        log(f"main process: dataset[i] x{tc.batch_size} {main_costs['getitem_s_per_batch'] * 1e3:.1f} ms, "
+            f"collate {main_costs['collate_s_per_batch'] * 1e3:.1f} ms per batch")
+
+        # the loader alone, no training: how fast can it feed?
+        loader_alone = {}
+        for w in workers:
+            loader = make_loader(dataset, sampler_args, collate, w, args.device)
+            it = iter(loader)
+            next(it)  # worker start-up
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                next(it)
+            dt = time.perf_counter() - t0
+            del it, loader
+            loader_alone[f"w{w}"] = {"examples_per_s": _r(tc.batch_size * n_batches / dt, 1),
+                                     "s_per_batch": _r(dt / n_batches, 5)}
+            log(f"loader alone, {w} workers: {loader_alone[f'w{w}']['examples_per_s']} examples/s")
+
+        modes = ["memory"] + [f"loader_w{w}" for w in workers]
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for rnd in range(args.rounds):
+            order = modes if rnd % 2 == 0 else modes[::-1]
+            for mode in order:
+                trainer = Trainer(cfg, mcfg, stage, objectives, args.device)
+                if mode == "memory":
+                    r = timed_run(trainer, _cycle(memory_batches), args.warmup, args.steps, args.device)
+                else:
+                    loader = make_loader(dataset, sampler_args, collate, int(mode.split("_w")[1]), args.device)
+                    it = iter(loader)
+                    r = timed_run(trainer, it, args.warmup, args.steps, args.device)
+                    del it, loader
+                runs[mode].append(r)
+                n_params = sum(q.numel() for q in trainer.model.parameters())
+                del trainer
+                log(f"round {rnd + 1}/{args.rounds} {mode}: {r['examples_per_s']:.1f} examples/s "
+                    f"(step {r['median_s']['step_s'] * 1e3:.0f} ms, data wait {r['median_s']['data_s'] * 1e3:.1f} ms)")
+
+        throughput = {}
+        for mode, rs in runs.items():
+            eps = [r["examples_per_s"] for r in rs]
+            step_eps = [tc.batch_size / r["median_s"]["step_s"] for r in rs]
+            entry = {"examples_per_s": _r(_median(eps), 2), "runs_examples_per_s": [_r(e, 2) for e in eps],
+                     "examples_per_s_from_median_step": _r(_median(step_eps), 2),
+                     "median_step_s": {k: _r(_median([r["median_s"][k] for r in rs]), 5)
+                                       for k in rs[0]["median_s"]},
+                     "data_wait_share": _r(_median([r["data_wait_share"] for r in rs]), 4)}
+            if cuda:
+                entry["max_memory_allocated_gib"] = _r(max(r["max_memory_allocated_gib"] for r in rs), 3)
+            throughput[mode] = entry
+        mem_eps = throughput["memory"]["examples_per_s"]
+        by_workers = {}
+        for w in workers:
+            m = f"loader_w{w}"
+            ov = 1.0 - throughput[m]["examples_per_s"] / mem_eps
+            # paired per round too: each round's loader run against the same round's memory run
+            paired = [1.0 - a["examples_per_s"] / b["examples_per_s"] for a, b in zip(runs[m], runs["memory"])]
+            ov_step = 1.0 - throughput[m]["examples_per_s_from_median_step"] / \
+                throughput["memory"]["examples_per_s_from_median_step"]
+            by_workers[f"w{w}"] = {"overhead": _r(ov, 4), "per_round": [_r(x, 4) for x in paired],
+                                   "overhead_from_median_step": _r(ov_step, 4),
+                                   "pass": ov <= LOADER_TARGET}
+        head = by_workers[f"w{workers[0]}"]
+        best_w = min(by_workers, key=lambda k: by_workers[k]["overhead"])
+        ref = runs["memory"][0]["losses"]
+        loss_diff = max(max(abs(a - b) for a, b in zip(runs[m][0]["losses"], ref)) for m in modes[1:])
+
+        per_objective, opt_s = None, None
+        if not args.skip_objectives:
+            per_objective = {}
+            trainer = Trainer(cfg, mcfg, stage, objectives, args.device)
+            for o in stage.objectives:
+                times = []
+                for i in range(args.warmup + args.objective_steps):
+                    r = trainer.step(memory_batches[i % len(memory_batches)], i, names=[o.name], optimize=False)
+                    if i >= args.warmup:
+                        times.append(r)
+                per_objective[o.name] = {k: _r(_median([t[k] for t in times]), 5) for k in ("fwd_s", "bwd_s")}
+                per_objective[o.name]["fwd_bwd_s"] = _r(_median([t["fwd_s"] + t["bwd_s"] for t in times]), 5)
+                log(f"objective {o.name}: {per_objective[o.name]['fwd_bwd_s'] * 1e3:.0f} ms forward+backward")
+            opt_s = throughput["memory"]["median_step_s"]["opt_s"]
+            del trainer
+
+        machine = {"platform": platform.platform(), "python": platform.python_version(),
+                   "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                   "torch_threads": torch.get_num_threads(),
+                   "load_average_1_5_15_min_at_start": [round(x, 2) for x in load_start] if load_start else None,
+                   "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()] if load_start else None,
+                   "device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu"}
+        result = {
+            "benchmark": "bench_train",
+            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine,
+            "recipe": {"source": source, "stage": stage.name, "mixing": stage.mixing,
+                       "objectives": {o.name: {"weight": o.weight, **o.options} for o in stage.objectives},
+                       "size": args.size, "model": {k: getattr(mcfg, k) for k in SIZES[args.size]["model"]},
+                       "data": {"mode": cfg.data.mode, "max_frames": cfg.data.max_frames,
+                                "min_segment_seconds": cfg.data.min_segment_seconds},
+                       "parameters": n_params},
+            "data": {k: v for k, v in data.items() if k not in ("features", "manifest")},
+            "settings": {"overrides": list(args.overrides), "device": args.device, "precision": tc.precision, "batch_size": tc.batch_size,
+                         "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,
+                         "workers": workers, "pin_memory": cuda},
+            "throughput": throughput,
+            "loader_overhead": {"value": head["overhead"], "workers": workers[0], "target": f"<= {LOADER_TARGET}",
+                                "pass": head["pass"], "by_workers": by_workers, "best": best_w},
+            "losses_match": loss_diff == 0.0 or loss_diff < 1e-4,
+            "max_loss_diff_loader_vs_memory": loss_diff,
+            "per_objective": per_objective,
+            "optimizer_step_s": opt_s,
+            "loader_alone": loader_alone,
+            "main_process_costs": main_costs,
+            "seconds": None,
+        }
+        result["peak_rss_main_mib"] = _r(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["seconds"] = round(time.perf_counter() - t_all, 1)
+        print(json.dumps(result, indent=2))
+        log(f"loader overhead (w{workers[0]}): {head['overhead']:.3f} "
+            f"({'pass' if head['pass'] else 'FAIL'}, target <= {LOADER_TARGET}); {result['seconds']} s")
+        return 0
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

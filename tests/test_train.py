@@ -1,0 +1,322 @@
+"""Trainer: recipes, overrides, resume equality, data-parallel with gloo, and bad-input messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from videolm.cli import main
+from videolm.config import ConfigError
+from videolm.data import DataError
+from videolm.extract.shards import ShardWriter, shard_name
+from videolm.manifest import Caption, VideoEntry, write_manifest
+from videolm.recipe import apply_overrides, load_recipe, recipe_from_dict
+from videolm.train import PlannedBatches, lr_factor, run_pretrain
+from videolm.train_logging import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["red", "blue", "green", "left", "right", "up", "down", "seven", "two", "moves"]
+
+# A model small enough that a few steps take well under a second on CPU.
+TINY_MODEL = {"hidden": 32, "heads": 2, "text_init": "none", "text_layers": 1, "video_layers": 1,
+              "cross_layers": 1, "temporal_layers": 1, "decoder_layers": 1, "max_frames": 16,
+              "max_text_len": 32, "embed_dim": 16, "dropout": 0.1}
+TINY_OVERRIDES = [f"model.{k}={v}" for k, v in TINY_MODEL.items()] + [
+    "data.max_frames=16", "batch_size=4", "num_workers=0", "log_every=1", "warmup_steps=2", "device=cpu", "threads=1"]
+
+
+def write_data(root: Path, n_videos=16, dim=8, quantize=True, seed=0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    features = root / "features"
+    features.mkdir(parents=True)
+    cfg = json.dumps({"encoder": "pixels", "sampling": {}})
+    entries = []
+    for s in range(2):
+        w = ShardWriter(features / shard_name(s), dim, {"encoder": "pixels", "config": cfg})
+        for i in range(s * n_videos // 2, (s + 1) * n_videos // 2):
+            n = int(rng.integers(6, 14))
+            w.add_video(f"v{i:03d}", rng.normal(size=(n, dim)).astype(np.float32),
+                        np.arange(n, dtype=float), np.arange(n) + 1.0, float(n))
+            cuts = sorted(rng.choice(np.arange(1, n), 2, replace=False))
+            bounds = [0, *cuts, n]
+            caps = tuple(Caption(float(a), float(b), " ".join(rng.choice(WORDS, 4)))
+                         for a, b in zip(bounds[:-1], bounds[1:]))
+            entries.append(VideoEntry(f"v{i:03d}", f"v{i:03d}.mp4", "train", float(n), caps))
+        w.finish()
+    manifest = write_manifest(entries, root / "manifest.jsonl")
+    if quantize:
+        from videolm.quantize import QuantizeConfig
+        from videolm.quantize_job import run_quantize
+
+        run_quantize(features, QuantizeConfig(k=4, levels=1, sample=1000), progress=False)
+    return features, manifest
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("train_data"))
+
+
+def tiny(objectives, mixing="sum", extra=(), stages=None):
+    raw = {"data": {"mode": "video"}, "train": {"max_steps": 4, "checkpoint_every": 2}}
+    if stages:
+        raw["stages"] = stages
+    else:
+        raw["objectives"], raw["mixing"] = objectives, mixing
+    return apply_overrides(recipe_from_dict(raw), TINY_OVERRIDES + list(extra))
+
+
+def losses(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k.endswith("_loss") or k in ("step", "loss", "lr")}
+            for r in read_metrics(run / "metrics.jsonl")]
+
+
+def test_lr_schedules():
+    assert lr_factor(0, 4, 20, "linear") == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, "linear") == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(19, 4, 20, "constant") == 1.0
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0)
+
+
+def test_planned_batches_split_ranks_and_restart_anywhere():
+    one = PlannedBatches(20, 3, world=2, rank=0, seed=1)
+    two = PlannedBatches(20, 3, world=2, rank=1, seed=1)
+    assert one.per_epoch == 3
+    for i in range(7):
+        a, b = one.batch(i), two.batch(i)
+        assert not {k for k, _ in a} & {k for k, _ in b}  # ranks never share an example in a step
+        assert a[0][1] == i // 3  # epoch
+    it = iter(PlannedBatches(20, 3, world=2, rank=0, seed=1, start=4))
+    assert next(it) == one.batch(4)
+    with pytest.raises(Exception, match="fewer than one global batch"):
+        PlannedBatches(5, 3, world=2, rank=0, seed=1)
+
+
+def test_every_recipe_loads_and_runs_two_steps(data, tmp_path):
+    features, manifest = data
+    for recipe in sorted((ROOT / "pipelines").glob("*.yaml")):
+        if recipe.name.startswith("extract_"):
+            continue
+        over = [o for o in TINY_OVERRIDES if not o.startswith("data.max_frames")] + [
+            "data.max_frames=16", "max_steps=2", "checkpoint_every=1", "model.max_text_len=32"]
+        cfg = load_recipe(recipe, over)
+        summary = run_pretrain(cfg, features, manifest, tmp_path / recipe.stem, progress=False)
+        assert summary["steps"] == 2, recipe.name
+        records = read_metrics(tmp_path / recipe.stem / "metrics.jsonl")
+        assert all(np.isfinite(r["loss"]) for r in records), recipe.name
+
+
+def test_run_writes_checkpoints_metrics_and_plots(data, tmp_path):
+    features, manifest = data
+    cfg = tiny({"joint": {}, "mlm": {}, "fom": {}, "vsm": {}}, extra=["keep_checkpoints=1"])
+    run = tmp_path / "run"
+    summary = run_pretrain(cfg, features, manifest, run, progress=False)
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert [p.name for p in ckpts] == ["step_0000004"]  # keep_checkpoints=1 pruned step 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    for name in ("model.pt", "trainer.pt", "config.yaml", "meta.json", "tokenizer/tokenizer.json"):
+        assert (ckpts[0] / name).exists(), name
+    saved = load_recipe(ckpts[0] / "config.yaml")
+    assert saved.model.feature_dim == 8 and saved.model.visual_vocab == 4 + 5  # resolved from shards/codebook
+    rec = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rec] == [1, 2, 3, 4]
+    assert {"joint_loss", "mlm_loss", "fom_loss", "vsm_loss", "lr", "examples_per_s"} <= set(rec[0])
+    assert "mlm_loss" in (run / "metrics.csv").read_text().splitlines()[0]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "loss_curves.png").stat().st_size > 1000
+    assert json.loads((run / "train_summary.json").read_text())["checkpoint"] == str(ckpts[0])
+    assert summary["examples"] == 16
+
+
+def test_resume_after_interrupt_gives_the_same_losses(data, tmp_path, monkeypatch):
+    """Stop after the step-3 checkpoint (as Ctrl-C would), resume, and compare with an uninterrupted run."""
+    import videolm.train as train
+
+    features, manifest = data
+    # sampled tasks, dropout, masks and shuffles all draw random numbers: all must replay identically
+    cfg = tiny({"mlm": {"ratio": 2}, "mfm_nce": {}, "fom": {}, "vsm": {}, "joint": {}}, mixing="sample",
+               extra=["max_steps=6", "checkpoint_every=3", "num_workers=1"])
+    full = tmp_path / "full"
+    run_pretrain(cfg, features, manifest, full, progress=False)
+
+    real_save = train.save_checkpoint
+
+    def save_then_interrupt(run_dir, step, *args, **kwargs):
+        path = real_save(run_dir, step, *args, **kwargs)
+        if step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(cfg, features, manifest, part, progress=False)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    with pytest.raises(ConfigError, match="--resume"):
+        run_pretrain(cfg, features, manifest, part, progress=False)
+    summary = run_pretrain(cfg, features, manifest, part, resume=True, progress=False)
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6
+    a, b = losses(full), losses(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert len({k for r in a for k in r if k.endswith("_loss")}) >= 3  # several tasks were drawn
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+
+
+def test_resume_refuses_a_changed_recipe_but_allows_more_steps(data, tmp_path):
+    features, manifest = data
+    cfg = tiny({"joint": {}})
+    run = tmp_path / "run"
+    run_pretrain(cfg, features, manifest, run, progress=False)
+    with pytest.raises(ConfigError, match="train.lr"):
+        run_pretrain(apply_overrides(cfg, ["lr=0.5"]), features, manifest, run, resume=True, progress=False)
+    summary = run_pretrain(apply_overrides(cfg, ["max_steps=5"]), features, manifest, run, resume=True, progress=False)
+    assert summary["resumed_from"] == 4 and summary["steps"] == 5
+
+
+def test_two_stages_and_grad_accumulation(data, tmp_path):
+    features, manifest = data
+    stages = [{"name": "s1", "fraction": 0.5, "objectives": {"joint": {}}},
+              {"name": "s2", "fraction": 0.5, "objectives": {"joint": {}, "caption": {}, "align": {}}}]
+    cfg = tiny(None, stages=stages, extra=["grad_accum=2"])
+    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [("caption_loss" in r) for r in rec] == [False, False, True, True]
+    assert [r["stage"] for r in rec] == [0, 0, 1, 1]
+
+
+def test_bad_inputs_have_clear_messages(data, tmp_path, caplog):
+    features, manifest = data
+    with pytest.raises(ConfigError, match="expects 16-d clip features but the shards hold 8-d"):
+        run_pretrain(tiny({"joint": {}}, extra=["model.feature_dim=16"]), features, manifest, tmp_path / "a",
+                     progress=False)
+    plain, plain_manifest = write_data(tmp_path / "plain", quantize=False)
+    with pytest.raises(ConfigError, match="'mvm' needs visual words.*videolm quantize"):
+        run_pretrain(tiny({"mvm": {}}), plain, plain_manifest, tmp_path / "b", progress=False)
+    # a manifest naming videos that have no features: skipped with a count, an error only if none match
+    extra = [VideoEntry(f"gone{i}", "x.mp4", "train", 5.0, (Caption(0, 2, "red"),)) for i in range(3)]
+    from videolm.manifest import load_manifest
+
+    mixed = write_manifest(load_manifest(manifest) + extra, tmp_path / "mixed.jsonl")
+    summary = run_pretrain(tiny({"joint": {}}, extra=["max_steps=1"]), features, mixed, tmp_path / "c",
+                           progress=False)
+    assert summary["videos_missing_features"] == 3 and "3 of 19 manifest videos have no features" in caplog.text
+    with pytest.raises(DataError, match="none of the 3 manifest videos"):
+        run_pretrain(tiny({"joint": {}}), features, write_manifest(extra, tmp_path / "gone.jsonl"), tmp_path / "d",
+                     progress=False)
+
+
+def test_cli_overrides_and_errors(data, tmp_path, capsys):
+    features, manifest = data
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {mode: video}\nobjectives:\n  joint: {}\n")
+    args = ["pretrain", "--config", str(recipe), "--features", str(features), "--manifest", str(manifest),
+            "--quiet", "--out", str(tmp_path / "run")]
+    assert main(args + ["bogus_key=1"]) == 2
+    assert "unknown override key 'bogus_key'" in capsys.readouterr().err
+    assert main(args + TINY_OVERRIDES + ["max_steps=2", "lr=3e-4"]) == 0
+    assert load_recipe(tmp_path / "run" / "config.yaml").train.lr == pytest.approx(3e-4)
+    assert "2 steps" in capsys.readouterr().out
+    assert main(args + TINY_OVERRIDES) == 2  # the run exists and --resume was not given
+    assert "pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(data, tmp_path):
+    """Two CPU processes: gradients are averaged by DDP and joint gathers negatives from both ranks."""
+    features, manifest = data
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {mode: video}\nmixing: sum\nobjectives:\n  joint: {}\n  mlm: {}\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "videolm.cli", "pretrain", "--config", str(recipe), "--features", str(features),
+           "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--quiet",
+           *TINY_OVERRIDES, "max_steps=3", "checkpoint_every=10"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rec] == [1, 2, 3]
+    assert all(r["joint_candidates"] == 8 for r in rec)  # 4 per rank x 2 ranks
+    assert all(np.isfinite(r["loss"]) for r in rec)
+
+
+def _ddp_joint_grads(rank, world, init_file, out_file):
+    """One rank of a 2-process gloo group: DDP gradient of the joint loss on this rank's half batch."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, objective, batch = _joint_setup()
+        half = _slice_batch(batch, rank * 3, rank * 3 + 3)
+        # as in train.py: heads of other objectives get no gradient from joint
+        runner = torch.nn.parallel.DistributedDataParallel(_runner(model, objective), find_unused_parameters=True)
+        runner(half, ["joint"], torch.Generator().manual_seed(0))["joint_loss"].backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _joint_setup():
+    import torch
+
+    from videolm.collate import Collator
+    from videolm.model import ModelConfig, VideoTextModel
+    from videolm.objectives import JointContrastive, TextVocab
+    from videolm.text import load_tokenizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tok = load_tokenizer(None)
+    cfg = ModelConfig(**{**TINY_MODEL, "dropout": 0.0, "feature_dim": 8})
+    model = VideoTextModel(cfg)
+    rng = np.random.default_rng(0)
+    examples = [{"video_id": f"v{i % 5}", "features": rng.normal(size=(4 + i, 8)).astype(np.float32), "tokens": None,
+                 "texts": [" ".join(rng.choice(WORDS, 3))], "text_spans": np.array([[0, 3]]),
+                 "clip_owner": np.zeros(4 + i, dtype=int)} for i in range(6)]  # v0 twice: a blocked pair across ranks
+    return model, JointContrastive(TextVocab.from_tokenizer(tok)), Collator(tok)(examples)
+
+
+def _slice_batch(batch, a, b):
+    import torch
+
+    out = {k: (v[a:b] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
+    T = int(out["video_mask"].sum(1).max())  # each rank pads to its own longest video, as collate would
+    for k in ("video", "video_mask", "clip_owner"):
+        out[k] = out[k][:, :T]
+    return out
+
+
+def _runner(model, objective):
+    from videolm.train import ObjectiveRunner
+
+    return ObjectiveRunner(model, {"joint": objective})
+
+
+@pytest.mark.slow
+def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
+    """joint over 2 ranks x 3 examples with gathered negatives == joint over 6 examples in one process."""
+    import torch
+    import torch.multiprocessing as mp
+
+    out_file = tmp_path / "grads.pt"
+    mp.spawn(_ddp_joint_grads, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
+    ddp = torch.load(out_file)
+    model, objective, batch = _joint_setup()
+    _runner(model, objective)(batch, ["joint"], torch.Generator().manual_seed(0))["joint_loss"].backward()
+    single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ddp.keys() == single.keys() and "logit_scale" in single
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,405 @@
+"""Pretraining objectives: each builds its own masks and targets from a batch and returns named losses.
+
+An objective is a small parameter-free class: ``objective(model, batch, gen)``
+returns a dict whose ``*_loss`` entries are differentiable scalars (the trainer
+sums them, times the objective's weight) and whose other entries are detached
+numbers for the log. Parameters (heads, temperature) live in the model so that
+one state dict holds everything a checkpoint needs.
+
+Randomness comes only from ``gen`` (a CPU ``torch.Generator`` the trainer seeds
+per step), so a resumed run draws the same masks as an uninterrupted one.
+Masks are drawn on the CPU and moved, which keeps them identical across devices.
+
+Examples cut from the same video (``batch["video_key"]``) are never used as each
+other's negatives: in segment mode two captions of one video often share a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError
+from .distributed import gather_with_grad
+from .model import MASK_VISUAL_ID, masked_mean
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TextVocab:
+    """The tokenizer facts objectives need (special ids are excluded from masking)."""
+
+    size: int
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "TextVocab":
+        return cls(tok.vocab_size, tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id)
+
+
+def _rand(shape, gen, device) -> torch.Tensor:
+    return torch.rand(shape, generator=gen).to(device)
+
+
+def sample_mask(valid: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """Bernoulli(prob) over ``valid`` positions, with at least one position chosen per batch."""
+    chosen = (_rand(valid.shape, gen, valid.device) < prob) & valid
+    if not chosen.any() and valid.any():
+        flat = valid.flatten().nonzero().squeeze(1)
+        pick = flat[torch.randint(len(flat), (1,), generator=gen).item()]
+        chosen.view(-1)[pick] = True
+    return chosen
+
+
+def same_video(batch: dict, keys: torch.Tensor | None = None) -> torch.Tensor:
+    k = batch["video_key"] if keys is None else keys
+    return k[:, None] == k[None, :]
+
+
+def _video_inputs(batch: dict, model, chosen: torch.Tensor | None = None):
+    """Video and visual-word inputs with ``chosen`` clips masked (features zeroed, words -> [MASK])."""
+    video, tokens = batch["video"], batch.get("video_tokens")
+    if chosen is not None:
+        video = video.masked_fill(chosen.unsqueeze(-1), 0.0)
+        if tokens is not None:
+            tokens = tokens.masked_fill(chosen, MASK_VISUAL_ID)
+    return video, tokens
+
+
+class MaskedLanguageModelling:
+    """Caption tokens masked 15% (80% [MASK], 10% random, 10% kept), predicted with video context."""
+
+    name = "mlm"
+
+    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15):
+        self.vocab, self.mask_prob = vocab, mask_prob
+
+    def corrupt(self, ids, mask, gen):
+        v = self.vocab
+        candidates = mask & (ids != v.cls) & (ids != v.sep) & (ids != v.pad)
+        chosen = sample_mask(candidates, self.mask_prob, gen)
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+        r = _rand(ids.shape, gen, ids.device)
+        random_ids = torch.randint(v.size, ids.shape, generator=gen).to(ids.device)
+        out = torch.where(chosen & (r < 0.8), torch.full_like(ids, v.mask), ids)
+        out = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, out)
+        return out, labels
+
+    def __call__(self, model, batch, gen):
+        ids, labels = self.corrupt(batch["text_ids"], batch["text_mask"], gen)
+        video, tokens = _video_inputs(batch, model)
+        out = model(ids, batch["text_mask"], batch["video_mask"], video, tokens)
+        at = labels != IGNORE
+        logits = model.mlm_logits(out.cross_text[at])
+        loss = F.cross_entropy(logits.float(), labels[at])
+        return {"mlm_loss": loss, "mlm_acc": (logits.argmax(-1) == labels[at]).float().mean().item()}
+
+
+class MaskedVisualWords:
+    """VideoBERT: 15% of clips masked, their visual words predicted over the codebook vocabulary."""
+
+    name = "mvm"
+    needs_tokens = True
+
+    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15):
+        self.mask_prob = mask_prob
+
+    def __call__(self, model, batch, gen):
+        chosen = sample_mask(batch["video_mask"], self.mask_prob, gen)
+        video, tokens = _video_inputs(batch, model, chosen)
+        out = model(batch["text_ids"], batch["text_mask"], batch["video_mask"], video, tokens)
+        target = batch["video_tokens"][chosen]
+        logits = model.mvm_head(out.cross_video[chosen])
+        loss = F.cross_entropy(logits.float(), target)
+        return {"mvm_loss": loss, "mvm_acc": (logits.argmax(-1) == target).float().mean().item()}
+
+
+class MaskedFrameNCE:
+    """Masked clips' predictions scored against the original features of every clip in the batch.
+
+    The target of a masked clip is its own original feature; all other real clips
+    in the batch are negatives. Both sides are L2-normalised and divided by a
+    temperature, so the loss does not depend on the encoder's feature scale.
+    """
+
+    name = "mfm_nce"
+
+    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1):
+        self.mask_prob, self.temperature = mask_prob, temperature
+
+    def __call__(self, model, batch, gen):
+        vm = batch["video_mask"]
+        chosen = sample_mask(vm, self.mask_prob, gen)
+        video, tokens = _video_inputs(batch, model, chosen)
+        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens)
+        pred = F.normalize(model.mfm_head(out.cross_video[chosen]).float(), dim=-1)
+        candidates = F.normalize(batch["video"][vm].float(), dim=-1)
+        # index of each masked clip among the real clips, in the same row-major order as batch["video"][vm]
+        target = (torch.cumsum(vm.flatten().long(), 0) - 1)[chosen.flatten()]
+        logits = pred @ candidates.t() / self.temperature
+        loss = F.cross_entropy(logits, target)
+        return {"mfm_nce_loss": loss, "mfm_nce_acc": (logits.argmax(-1) == target).float().mean().item()}
+
+
+class MaskedFrameRegression:
+    """Masked clips' original features regressed with a mean squared error."""
+
+    name = "mfm_reg"
+
+    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15):
+        self.mask_prob = mask_prob
+
+    def __call__(self, model, batch, gen):
+        vm = batch["video_mask"]
+        chosen = sample_mask(vm, self.mask_prob, gen)
+        video, tokens = _video_inputs(batch, model, chosen)
+        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens)
+        pred = model.mfm_head(out.cross_video[chosen]).float()
+        return {"mfm_reg_loss": F.mse_loss(pred, batch["video"][chosen].float())}
+
+
+def shuffle_clips(valid: torch.Tensor, prob: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick ~``prob`` of each row's clips (at least 2 where a row has 2) and rotate them.
+
+    Returns ``order`` (B, T): the clip that lands at each position (identity
+    elsewhere), and ``moved`` (B, T): True at positions that received another
+    clip. Rotating the chosen set in random order moves every chosen clip, so
+    each target differs from the position it is predicted at.
+    """
+    B, T = valid.shape
+    order = torch.arange(T).repeat(B, 1)
+    moved = torch.zeros(B, T, dtype=torch.bool)
+    counts = valid.sum(1).cpu()
+    for b in range(B):
+        n = int(counts[b])
+        if n < 2:
+            continue
+        k = max(2, int(round(prob * n)))
+        pos = torch.randperm(n, generator=gen)[:k]  # valid positions come first in every row
+        order[b, pos] = pos.roll(1)
+        moved[b, pos] = True
+    return order.to(valid.device), moved.to(valid.device)
+
+
+class FrameOrderModelling:
+    """HERO FOM: 15% of clip positions shuffled; each shuffled clip's original position classified."""
+
+    name = "fom"
+
+    def __init__(self, vocab: TextVocab, shuffle_prob: float = 0.15):
+        self.shuffle_prob = shuffle_prob
+
+    def __call__(self, model, batch, gen):
+        vm = batch["video_mask"]
+        order, moved = shuffle_clips(vm, self.shuffle_prob, gen)
+        video = batch["video"].gather(1, order.unsqueeze(-1).expand_as(batch["video"]))
+        tokens = batch.get("video_tokens")
+        if tokens is not None:
+            tokens = tokens.gather(1, order)
+        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
+        logits = model.fom_head(out.temporal[moved]).float()
+        target = order[moved]
+        loss = F.cross_entropy(logits, target)
+        return {"fom_loss": loss, "fom_acc": (logits.argmax(-1) == target).float().mean().item()}
+
+
+class VideoSubtitleMatching:
+    """HERO VSM: one subtitle per video is the query.
+
+    Local: the query's start and end clip, each a softmax over the video's clips
+    (scores = temporal-encoder outputs . query vectors). Global: query-video score =
+    max over clips of the cosine similarity; hinge with ``margin`` against every
+    in-batch negative video (for the query) and negative query (for the video).
+    """
+
+    name = "vsm"
+
+    def __init__(self, vocab: TextVocab, margin: float = 0.1, local_weight: float = 1.0, global_weight: float = 1.0):
+        self.margin, self.local_weight, self.global_weight = margin, local_weight, global_weight
+
+    def __call__(self, model, batch, gen):
+        vm, valid, spans = batch["video_mask"], batch["sub_valid"] & (batch["sub_spans"][..., 0] >= 0), batch["sub_spans"]
+        has = valid.any(1)
+        if not has.any():
+            raise ValueError("vsm: no example in the batch has a subtitle overlapping its clips")
+        # a random valid subtitle per example: argmax of random scores over valid ones
+        pick = torch.where(valid, _rand(valid.shape, gen, valid.device), torch.full_like(valid, -1.0, dtype=torch.float)).argmax(1)
+        rows = torch.arange(len(pick), device=pick.device)
+        q_ids, q_mask = batch["sub_ids"][rows, pick], batch["sub_mask"][rows, pick]
+        q = model.vsm_query(masked_mean(model.encode_text(q_ids, q_mask), q_mask)).float()
+        q_start, q_end, q_glob = q.chunk(3, dim=-1)
+        video, tokens = _video_inputs(batch, model)
+        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
+        frames = out.temporal.float()
+        neg_inf = torch.finfo(frames.dtype).min
+        start_logits = torch.einsum("bth,bh->bt", frames, q_start).masked_fill(~vm, neg_inf)
+        end_logits = torch.einsum("bth,bh->bt", frames, q_end).masked_fill(~vm, neg_inf)
+        span = spans[rows, pick]
+        local = (F.cross_entropy(start_logits[has], span[has, 0]) + F.cross_entropy(end_logits[has], span[has, 1])) / 2
+
+        # global: s[i, j] = max_t cos(query_i, clip_t of video j)
+        sims = torch.einsum("ih,jth->ijt", F.normalize(q_glob, dim=-1), F.normalize(frames, dim=-1))
+        sims = sims.masked_fill(~vm[None, :, :], -2.0).amax(-1)
+        pos = sims.diagonal()
+        negative = ~same_video(batch) & has[:, None] & has[None, :]
+        hinge_v = (self.margin + sims - pos[:, None]).clamp_min(0)  # query i vs other videos j
+        hinge_q = (self.margin + sims - pos[None, :]).clamp_min(0)  # video j vs other queries i
+        n = negative.sum().clamp_min(1)
+        glob = ((hinge_v * negative).sum() + (hinge_q * negative).sum()) / n
+        loss = self.local_weight * local + self.global_weight * glob
+        return {"vsm_loss": loss, "vsm_local": local.item(), "vsm_global": glob.item()}
+
+
+class JointContrastive:
+    """UniVL joint: symmetric InfoNCE between pooled text and video vectors, learnable temperature.
+
+    ``loss: milnce`` instead scores each text against every clip in the batch and
+    treats all clips of its own video as positives (MIL-NCE). With ``gather``, in a
+    multi-process run every rank's vectors join the negatives.
+    """
+
+    name = "joint"
+
+    def __init__(self, vocab: TextVocab, loss: str = "infonce", gather: bool = True):
+        if loss not in ("infonce", "milnce"):
+            raise ConfigError(f"joint: loss must be infonce or milnce, got {loss!r}")
+        self.loss, self.gather = loss, gather
+
+    def __call__(self, model, batch, gen):
+        vm = batch["video_mask"]
+        video, tokens = _video_inputs(batch, model)
+        text_h = model.encode_text(batch["text_ids"], batch["text_mask"])
+        video_h = model.encode_video(vm, video, tokens)
+        t = model.text_embedding(text_h, batch["text_mask"]).float()
+        scale = model.logit_scale.exp().clamp(max=100.0)
+        keys, offset = batch["video_key"], 0
+        if self.loss == "infonce":
+            v = model.video_embedding(video_h, vm).float()
+            if self.gather:
+                t_all, v_all, keys, offset = *gather_with_grad(t, v), *gather_keys(batch["video_key"])
+            else:
+                t_all, v_all = t, v
+            n = len(t)
+            idx = torch.arange(n, device=t.device) + offset
+            blocked = same_video(batch, keys)[idx]  # (n, N): other examples of the same video
+            blocked[torch.arange(n), idx] = False
+            logits_t = (scale * t @ v_all.t()).masked_fill(blocked, float("-inf"))
+            logits_v = (scale * v @ t_all.t()).masked_fill(blocked, float("-inf"))
+            loss = (F.cross_entropy(logits_t, idx) + F.cross_entropy(logits_v, idx)) / 2
+        else:
+            clips = model.clip_embeddings(video_h).float()  # (B, T, E)
+            owner = torch.arange(len(t), device=t.device)[:, None].expand_as(vm)[vm]
+            c = clips[vm]  # (M, E) every real clip in the batch
+            scores = scale * t @ c.t()  # (B, M)
+            pos = owner[None, :] == torch.arange(len(t), device=t.device)[:, None]
+            same = same_video(batch)[:, owner]
+            scores = scores.masked_fill(same & ~pos, float("-inf"))
+            loss = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~pos, float("-inf")), 1)).mean()
+        candidates = len(v_all) if self.loss == "infonce" else len(c)
+        return {"joint_loss": loss, "joint_temperature": (1.0 / scale).item(), "joint_candidates": candidates}
+
+
+def gather_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
+    from .distributed import gather_no_grad, rank_and_world
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return keys, 0
+    return gather_no_grad(keys), rank * len(keys)
+
+
+class VideoTextAlignment:
+    """Cross-encoder matching: each text scored with its video and ``negatives`` other in-batch videos
+    (and each video with as many other texts); cross-entropy over the candidates."""
+
+    name = "align"
+
+    def __init__(self, vocab: TextVocab, negatives: int = 3):
+        if negatives < 1:
+            raise ConfigError("align: negatives must be >= 1")
+        self.negatives = negatives
+
+    def _pick(self, allowed: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        k = min(self.negatives, allowed.shape[1])
+        r = torch.where(allowed, _rand(allowed.shape, gen, allowed.device), torch.full(allowed.shape, -1.0, device=allowed.device))
+        idx = r.topk(k, dim=1).indices
+        return idx, allowed.gather(1, idx)
+
+    def __call__(self, model, batch, gen):
+        vm, tm = batch["video_mask"], batch["text_mask"]
+        video, tokens = _video_inputs(batch, model)
+        text_h = model.encode_text(batch["text_ids"], tm)
+        video_h = model.encode_video(vm, video, tokens)
+        B = len(text_h)
+        allowed = ~same_video(batch)
+        neg_v, ok_v = self._pick(allowed, gen)  # for text i: videos neg_v[i]
+        neg_t, ok_t = self._pick(allowed, gen)  # for video i: texts neg_t[i]
+        rows = torch.arange(B, device=vm.device)[:, None]
+        text_idx = torch.cat([rows, rows.expand_as(neg_v), neg_t], 1)  # (B, 1 + 2k)
+        video_idx = torch.cat([rows, neg_v, rows.expand_as(neg_t)], 1)
+        ct, _ = model.cross(text_h[text_idx.flatten()], tm[text_idx.flatten()],
+                            video_h[video_idx.flatten()], vm[video_idx.flatten()])
+        scores = model.align_score(ct[:, 0]).float().view(B, -1)
+        k = neg_v.shape[1]
+        pos = scores[:, :1]
+        s_v = torch.cat([pos, scores[:, 1 : 1 + k].masked_fill(~ok_v, float("-inf"))], 1)
+        s_t = torch.cat([pos, scores[:, 1 + k :].masked_fill(~ok_t, float("-inf"))], 1)
+        zero = torch.zeros(B, dtype=torch.long, device=vm.device)
+        loss = (F.cross_entropy(s_v, zero) + F.cross_entropy(s_t, zero)) / 2
+        acc = ((s_v.argmax(1) == 0) & (s_t.argmax(1) == 0)).float().mean().item()
+        return {"align_loss": loss, "align_acc": acc}
+
+
+class CaptionReconstruction:
+    """The decoder regenerates the caption (teacher forcing) while attending to the cross encoder.
+
+    ``input_mask_prob`` is the share of caption tokens replaced by [MASK] in the
+    cross encoder's input: UniVL uses 0.15; 1.0 makes it captioning from video alone.
+    """
+
+    name = "caption"
+
+    def __init__(self, vocab: TextVocab, input_mask_prob: float = 0.15):
+        self.vocab, self.input_mask_prob = vocab, input_mask_prob
+
+    def __call__(self, model, batch, gen):
+        ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
+        v = self.vocab
+        maskable = tm & (ids != v.cls) & (ids != v.sep)
+        hidden = (_rand(ids.shape, gen, ids.device) < self.input_mask_prob) & maskable
+        video, tokens = _video_inputs(batch, model)
+        out = model(ids.masked_fill(hidden, v.mask), tm, vm, video, tokens)
+        memory = torch.cat([out.cross_text, out.cross_video], 1)
+        memory_mask = torch.cat([tm, vm], 1)
+        logits = model.decode(ids[:, :-1], tm[:, :-1], memory, memory_mask).float()
+        target = ids[:, 1:].masked_fill(~tm[:, 1:], IGNORE)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        return {"caption_loss": loss}
+
+
+OBJECTIVES = {
+    "mlm": MaskedLanguageModelling,
+    "mvm": MaskedVisualWords,
+    "mfm_nce": MaskedFrameNCE,
+    "mfm_reg": MaskedFrameRegression,
+    "fom": FrameOrderModelling,
+    "vsm": VideoSubtitleMatching,
+    "joint": JointContrastive,
+    "align": VideoTextAlignment,
+    "caption": CaptionReconstruction,
+}
+
+
+def build_objective(name: str, vocab: TextVocab, options: dict):
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    try:
+        return OBJECTIVES[name](vocab, **options)
+    except TypeError as exc:
+        raise ConfigError(f"objective {name!r}: bad option ({exc})") from None

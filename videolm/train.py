@@ -1,0 +1,342 @@
+"""``videolm pretrain``: objectives mixed by a recipe, over cached shards, on one process or many.
+
+One optimizer step = ``grad_accum`` micro-batches. For each step the trainer
+
+1. picks the stage that owns the step and its objectives (all of them with
+   ``mixing: sum``; one drawn by ``ratio`` with ``mixing: sample``, the same draw
+   on every rank because it depends on (seed, step) only);
+2. seeds torch (dropout) and the objectives' mask generator from (seed, step,
+   rank), so a resumed run repeats an uninterrupted one exactly;
+3. sums ``weight * loss`` over the objectives, backpropagates, clips, steps
+   AdamW and the warmup + decay schedule, and logs every loss.
+
+Batches come from ``PlannedBatches``: batch ``i`` of the run is a fixed slice of
+the permutation of epoch ``i // batches_per_epoch``, so resuming at step ``s``
+just starts the plan at batch ``s * grad_accum``; no sampler state is saved.
+
+Data parallel: under torchrun the objectives run inside one ``nn.Module``
+(``ObjectiveRunner``) wrapped in DistributedDataParallel. Each objective calls
+several model entry points, and with ``mixing: sample`` different heads are used
+on different steps, hence ``find_unused_parameters=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checkpoint import latest_checkpoint, load_run_config, load_trainer_state, save_checkpoint, set_rng_state
+from .collate import Collator, batch_to
+from .config import ConfigError, TrainError
+from .data import VideoTextDataset
+from .distributed import all_reduce_mean, barrier, init_distributed, rank_and_world, shutdown_distributed
+from .extract.shards import FeatureStore
+from .manifest import load_manifest
+from .model import VideoTextModel, resolve_model_config
+from .objectives import OBJECTIVES, TextVocab, build_objective
+from .recipe import PretrainConfig, recipe_to_dict, save_recipe
+from .text import load_tokenizer, resolve_text_dir
+from .train_logging import MetricsLogger
+
+log = logging.getLogger("videolm.train")
+
+# Settings that may change when a run is resumed (they do not alter what has been learned so far).
+RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
+                     "threads"}
+
+
+class PlannedBatches:
+    """Batch sampler: yields ``[(index, epoch), ...]`` for this rank, from batch ``start`` onwards, forever."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, seed: int, start: int = 0):
+        self.n, self.bs, self.world, self.rank, self.seed, self.start = n, batch_size, world, rank, seed, start
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise TrainError(f"the split has {n} examples, fewer than one global batch "
+                             f"({batch_size} x {world} processes); lower batch_size")
+
+    def batch(self, i: int) -> list[tuple[int, int]]:
+        epoch, j = divmod(i, self.per_epoch)
+        perm = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+        a = (j * self.world + self.rank) * self.bs
+        return [(int(k), epoch) for k in perm[a : a + self.bs]]
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            yield self.batch(i)
+            i += 1
+
+
+class ObjectiveRunner(nn.Module):
+    """The model plus the objectives, so one forward call computes a whole micro-batch's losses."""
+
+    def __init__(self, model: VideoTextModel, objectives: dict):
+        super().__init__()
+        self.model, self.objectives = model, objectives
+
+    def forward(self, batch: dict, names: list[str], gen: torch.Generator) -> dict:
+        out = {}
+        for name in names:
+            out.update(self.objectives[name](self.model, batch, gen))
+        return out
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: VideoTextModel, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms; the text encoder's lr scaled by ``text_lr_scale``."""
+    groups = defaultdict(list)
+    text_ids = {id(p) for p in model.text.parameters()}
+    for p in model.parameters():
+        groups[(id(p) in text_ids, p.ndim >= 2)].append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": cfg.lr * (cfg.text_lr_scale if is_text else 1.0),
+          "weight_decay": cfg.weight_decay if decay else 0.0} for (is_text, decay), ps in groups.items()],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0])
+
+
+def choose_objectives(stage, seed: int, step: int) -> list[str]:
+    if stage.mixing == "sum":
+        return [o.name for o in stage.objectives]
+    ratios = np.array([o.ratio for o in stage.objectives], dtype=float)
+    pick = np.random.default_rng((seed, step, 7)).choice(len(ratios), p=ratios / ratios.sum())
+    return [stage.objectives[pick].name]
+
+
+def _check_resume_config(saved: PretrainConfig, wanted: PretrainConfig) -> None:
+    a, b = recipe_to_dict(saved), recipe_to_dict(wanted)
+    b["model"]["feature_dim"], b["model"]["visual_vocab"] = a["model"]["feature_dim"], a["model"]["visual_vocab"]
+    diffs = []
+    for section in ("data", "model", "train"):
+        for k in a[section]:
+            if a[section][k] != b[section].get(k) and k not in RESUMABLE_CHANGES:
+                diffs.append(f"{section}.{k}: {a[section][k]!r} -> {b[section].get(k)!r}")
+    if a["stages"] != b["stages"]:
+        diffs.append("stages/objectives differ")
+    if diffs:
+        raise ConfigError("--resume with a different config would not continue the same run: " + "; ".join(diffs)
+                          + f". Only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
+
+
+def _autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+def run_pretrain(cfg: PretrainConfig, features: str | Path, manifest: str | Path, out: str | Path,
+                 resume: bool = False, progress: bool = True) -> dict:
+    out = Path(out)
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, device = init_distributed(device)
+    try:
+        return _train(cfg, Path(features), Path(manifest), out, resume, progress, rank, world, device)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg, features, manifest, out, resume, progress, rank, world, device) -> dict:
+    tc = cfg.train
+    if tc.precision == "fp16" and not device.startswith("cuda"):
+        raise ConfigError("precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    ckpt = latest_checkpoint(out) if out.exists() else None
+    if ckpt is not None and not resume:
+        raise ConfigError(f"{out} already holds a run (latest checkpoint {ckpt.name}); pass --resume to continue "
+                          "it or choose another --out")
+    if resume and ckpt is None:
+        log.warning("--resume: no checkpoint under %s, starting from step 0", out)
+
+    if tc.threads:
+        # Small models on a busy machine: torch's default (one thread per core) spins in
+        # every op while DataLoader workers and other jobs hold the cores.
+        torch.set_num_threads(tc.threads)
+    store = FeatureStore(features)
+    entries = load_manifest(manifest, tc.split)
+    if not entries:
+        raise ConfigError(f"{manifest}: no videos in split {tc.split!r}")
+    codebook = store.codebook_attrs
+    for name in cfg.objective_names:
+        if getattr(OBJECTIVES[name], "needs_tokens", False) and codebook is None:
+            raise ConfigError(f"objective {name!r} needs visual words but {features} has no codebook; "
+                              f"run `videolm quantize --features {features}` first")
+    if cfg.data.max_frames > cfg.model.max_frames:
+        raise ConfigError(f"data.max_frames={cfg.data.max_frames} exceeds model.max_frames={cfg.model.max_frames}")
+    mcfg = resolve_model_config(cfg.model, store.dim, int(codebook["model_vocab_size"]) if codebook else 0)
+    cfg = PretrainConfig(cfg.data, mcfg, tc, cfg.stages)
+    if ckpt is not None:
+        saved = load_run_config(ckpt)
+        _check_resume_config(saved, cfg)
+        cfg = PretrainConfig(saved.data, saved.model, tc, saved.stages)
+
+    dataset = VideoTextDataset(store, entries, cfg.data, seed=tc.seed)
+    text_dir = resolve_text_dir(cfg.model.text_init)
+    tokenizer = load_tokenizer(ckpt / "tokenizer" if ckpt else text_dir)
+    vocab = TextVocab.from_tokenizer(tokenizer)
+    objectives = {n: build_objective(n, vocab, next(o.options for s in cfg.stages for o in s.objectives if o.name == n))
+                  for n in cfg.objective_names}
+    weights = {(s.name, o.name): o.weight for s in cfg.stages for o in s.objectives}
+
+    torch.manual_seed(tc.seed)
+    model = VideoTextModel(cfg.model).to(device)
+    optimizer = build_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.schedule))
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
+        state = load_trainer_state(ckpt, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        if rank == 0:
+            log.info("resuming %s from %s (step %d of %d)", out, ckpt, start, tc.max_steps)
+    runner = ObjectiveRunner(model, objectives)
+    if world > 1:
+        ddp_kwargs = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
+        runner = nn.parallel.DistributedDataParallel(runner, find_unused_parameters=True, **ddp_kwargs)
+
+    sampler = PlannedBatches(len(dataset), tc.batch_size, world, rank, tc.seed, start * tc.grad_accum)
+    collate = Collator(tokenizer, cfg.model.max_text_len, min(32, cfg.model.max_text_len))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers,
+        pin_memory=device.startswith("cuda"), persistent_workers=tc.num_workers > 0,
+        prefetch_factor=4 if tc.num_workers else None)
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(cfg, out / "config.yaml")
+        log.info("pretraining on %s: %d examples from %d videos (%d missing from the shards), %d process(es), "
+                 "%d parameters, objectives %s", device, len(dataset), len(dataset.videos), dataset.missing, world,
+                 sum(p.numel() for p in model.parameters()), ", ".join(cfg.objective_names))
+    metrics = MetricsLogger(out, enabled=rank == 0, resume_step=start if ckpt is not None else None)
+    meta = {"features": str(features), "manifest": str(manifest), "world_size": world}
+
+    def checkpoint(step: int) -> Path | None:
+        path = None
+        if rank == 0:
+            path = save_checkpoint(out, step, model, cfg, tokenizer, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None}, meta, tc.keep_checkpoints)
+        barrier()
+        return path
+
+    bar = None
+    if rank == 0 and progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    window: dict[str, list[float]] = defaultdict(list)
+    step, last_ckpt, examples_per_step = start, None, tc.batch_size * tc.grad_accum * world
+    t_window, t0 = time.perf_counter(), time.perf_counter()
+    batches = iter(loader)
+    runner.train()
+    try:
+        while step < tc.max_steps:
+            stage = cfg.stage_at(step)
+            names = choose_objectives(stage, tc.seed, step)
+            seed = step_seed(tc.seed, step, rank)
+            torch.manual_seed(seed)  # dropout: same draws when this step is replayed after a resume
+            gen = torch.Generator().manual_seed(seed)
+            values: dict[str, float] = {}
+            for micro in range(tc.grad_accum):
+                batch = batch_to(next(batches), device)
+                sync = micro == tc.grad_accum - 1 or world == 1
+                with (contextlib.nullcontext() if sync else runner.no_sync()), _autocast(device, tc.precision):
+                    out_losses = runner(batch, names, gen)
+                    total = 0.0
+                    for name in names:
+                        parts = [v for k, v in out_losses.items() if k.endswith("_loss") and k.startswith(name)]
+                        total = total + weights[(stage.name, name)] * sum(parts)
+                    if not torch.isfinite(total):
+                        raise TrainError(f"step {step + 1}: loss is {total.item()} ({', '.join(names)}); "
+                                         "lower lr or use fp32")
+                    loss = total / tc.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                for k, v in out_losses.items():
+                    values[k] = values.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) / tc.grad_accum
+                values["loss"] = values.get("loss", 0.0) + loss.item()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if tc.grad_clip:
+                values["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            values["lr"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in all_reduce_mean(values, device).items():
+                window[k].append(v)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                now = time.perf_counter()
+                record = {k: float(np.mean(v)) for k, v in window.items()}
+                record["examples_per_s"] = examples_per_step * len(window["loss"]) / (now - t_window)
+                record["stage"] = cfg.stages.index(stage)
+                metrics.log(step, record)
+                window, t_window = defaultdict(list), now
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", ex_s=f"{record['examples_per_s']:.0f}")
+                elif rank == 0 and progress:
+                    log.info("step %d/%d loss %.4f %s %.0f ex/s", step, tc.max_steps, record["loss"],
+                             " ".join(f"{k}={v:.3f}" for k, v in sorted(record.items()) if k.endswith("_loss")),
+                             record["examples_per_s"])
+            if bar is not None:
+                bar.update(1)
+            if step % tc.checkpoint_every == 0 and step < tc.max_steps:
+                t_save = time.perf_counter()
+                last_ckpt = checkpoint(step)
+                t_window += time.perf_counter() - t_save  # examples/s measures training, not saving
+    except KeyboardInterrupt:
+        if step > start:
+            path = checkpoint(step)
+            if rank == 0:
+                print(f"videolm pretrain: interrupted at step {step}; checkpoint {path}, "
+                      "re-run with --resume to continue", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    last_ckpt = checkpoint(step) if step > start or last_ckpt is None else last_ckpt
+    seconds = time.perf_counter() - t0
+    summary = {"steps": step, "resumed_from": start, "seconds": seconds, "world_size": world, "device": device,
+               "examples_per_s": examples_per_step * (step - start) / max(seconds, 1e-9),
+               "checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(out),
+               "examples": len(dataset), "videos_missing_features": dataset.missing,
+               "captions_without_clips": dataset.uncovered}
+    if rank == 0:
+        summary["loss_plot"] = str(metrics.plot()) if (out / "metrics.jsonl").exists() else None
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
