@@ -121,6 +121,75 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+# --------------------------------------------------------------------------- other processes' CPU
+# This benchmark is often run on a shared 2-core machine. A run during which other
+# processes used CPU is flagged (and left out of the medians when clean runs exist):
+# with OpenMP threads spinning at barriers, one busy neighbour can slow a training step
+# several-fold, which would swamp a 10 % effect.
+
+_CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / _CLK
+
+
+def _proc_cpu(pid: str) -> tuple[int, float]:
+    """(parent pid, utime + stime seconds) of a process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its live children (DataLoader workers)."""
+    me, total = os.getpid(), 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ppid, cpu = _proc_cpu(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(pid) == me or ppid == me:
+            total += cpu
+    return total
+
+
+class CpuWatch:
+    """Busy CPU of other processes between ``start()`` and ``stop()``, in cores (0 = machine was ours)."""
+
+    def start(self):
+        self.t, self.busy, self.own = time.perf_counter(), _busy_cpu_s(), _own_cpu_s()
+        return self
+
+    def stop(self) -> dict:
+        dt = time.perf_counter() - self.t
+        busy, own = _busy_cpu_s(), _own_cpu_s()
+        if busy is None or self.busy is None:
+            return {"other_cpu_cores": None, "own_cpu_cores": None}
+        return {"other_cpu_cores": max(0.0, (busy - self.busy) - (own - self.own)) / dt,
+                "own_cpu_cores": (own - self.own) / dt}
+
+
+def wait_until_quiet(max_other: float, max_wait: float) -> float:
+    """Wait (1 s samples, at most ``max_wait`` s) until other processes use < ``max_other`` cores."""
+    if max_wait <= 0 or _busy_cpu_s() is None:
+        return 0.0
+    t0 = time.perf_counter()
+    while True:
+        w = CpuWatch().start()
+        time.sleep(1.0)
+        if w.stop()["other_cpu_cores"] < max_other or time.perf_counter() - t0 >= max_wait:
+            return time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -268,10 +337,11 @@ def timed_run(trainer: Trainer, batches, warmup: int, steps: int, device: str) -
     per_step, losses, wait = [], [], []
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_start = None
+    t_start, watch = None, CpuWatch()
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
+            watch.start()
             t_start = time.perf_counter()
         t0 = time.perf_counter()
         batch = next(batches)
@@ -284,8 +354,9 @@ def timed_run(trainer: Trainer, batches, warmup: int, steps: int, device: str) -
             wait.append(t1 - t0)
     _sync(device)
     wall = time.perf_counter() - t_start
+    cpu = watch.stop()
     bs = trainer.cfg.train.batch_size
-    out = {"wall_s": wall, "examples_per_s": bs * steps / wall, "losses": losses,
+    out = {**cpu, "wall_s": wall, "examples_per_s": bs * steps / wall, "losses": losses,
            "median_s": {k: statistics.median(p[k] for p in per_step) for k in ("data_s", "fwd_s", "bwd_s", "opt_s",
                                                                               "step_s")},
            "data_wait_share": sum(wait) / wall}
@@ -336,6 +407,11 @@ def main(argv=None) -> int:
     p.add_argument("--videos", type=int, default=300)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--feature-dim", type=int, default=1024, help="clip feature size (S3D mixed_5c: 1024)")
+    p.add_argument("--max-other-cpu", type=float, default=0.1,
+                   help="a run during which other processes used more cores than this is flagged as contended "
+                        "and left out of the medians when clean runs exist (default 0.1)")
+    p.add_argument("--quiet-wait", type=float, default=20.0,
+                   help="before each run, wait up to this many seconds for other processes to go quiet (0: no)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the main process (0: leave)")
     p.add_argument("--workdir", default=None, help="where data is written (kept and reused); default: a temp dir")
     p.add_argument("--seed", type=int, default=0)
@@ -441,10 +517,12 @@ def main(argv=None) -> int:
 
         modes = ["memory"] + [f"loader_w{w}" for w in workers]
         runs: dict[str, list[dict]] = {m: [] for m in modes}
+        waited = []
         for rnd in range(args.rounds):
             order = modes if rnd % 2 == 0 else modes[::-1]
             for mode in order:
                 trainer = Trainer(cfg, mcfg, stage, objectives, args.device)
+                waited.append(wait_until_quiet(args.max_other_cpu, args.quiet_wait))
                 if mode == "memory":
                     r = timed_run(trainer, _cycle(memory_batches), args.warmup, args.steps, args.device)
                 else:
@@ -452,21 +530,35 @@ def main(argv=None) -> int:
                     it = iter(loader)
                     r = timed_run(trainer, it, args.warmup, args.steps, args.device)
                     del it, loader
+                r["round"] = rnd
+                r["clean"] = r["other_cpu_cores"] is None or r["other_cpu_cores"] < args.max_other_cpu
                 runs[mode].append(r)
                 n_params = sum(q.numel() for q in trainer.model.parameters())
                 del trainer
                 log(f"round {rnd + 1}/{args.rounds} {mode}: {r['examples_per_s']:.1f} examples/s "
-                    f"(step {r['median_s']['step_s'] * 1e3:.0f} ms, data wait {r['median_s']['data_s'] * 1e3:.1f} ms)")
+                    f"(step {r['median_s']['step_s'] * 1e3:.0f} ms, data wait {r['median_s']['data_s'] * 1e3:.1f} ms"
+                    + (f", other processes {r['other_cpu_cores']:.2f} cores" if r["other_cpu_cores"] is not None
+                       else "") + ("" if r["clean"] else ": CONTENDED") + ")")
+
+        def used(rs):  # clean runs when there are any, else all of them
+            clean = [r for r in rs if r["clean"]]
+            return clean or rs
 
         throughput = {}
         for mode, rs in runs.items():
-            eps = [r["examples_per_s"] for r in rs]
-            step_eps = [tc.batch_size / r["median_s"]["step_s"] for r in rs]
-            entry = {"examples_per_s": _r(_median(eps), 2), "runs_examples_per_s": [_r(e, 2) for e in eps],
-                     "examples_per_s_from_median_step": _r(_median(step_eps), 2),
-                     "median_step_s": {k: _r(_median([r["median_s"][k] for r in rs]), 5)
+            us = used(rs)
+            entry = {"examples_per_s": _r(_median([r["examples_per_s"] for r in us]), 2),
+                     "examples_per_s_from_median_step": _r(_median([tc.batch_size / r["median_s"]["step_s"]
+                                                                    for r in us]), 2),
+                     "runs_used": len(us), "all_runs_clean": all(r["clean"] for r in rs),
+                     "median_step_s": {k: _r(_median([r["median_s"][k] for r in us]), 5)
                                        for k in rs[0]["median_s"]},
-                     "data_wait_share": _r(_median([r["data_wait_share"] for r in rs]), 4)}
+                     "data_wait_share": _r(_median([r["data_wait_share"] for r in us]), 4),
+                     "runs": [{"round": r["round"], "examples_per_s": _r(r["examples_per_s"], 2),
+                               "median_step_s": _r(r["median_s"]["step_s"], 4),
+                               "other_cpu_cores": _r(r["other_cpu_cores"], 3),
+                               "own_cpu_cores": _r(r["own_cpu_cores"], 3),
+                               "clean": r["clean"]} for r in rs]}
             if cuda:
                 entry["max_memory_allocated_gib"] = _r(max(r["max_memory_allocated_gib"] for r in rs), 3)
             throughput[mode] = entry
@@ -479,8 +571,10 @@ def main(argv=None) -> int:
             paired = [1.0 - a["examples_per_s"] / b["examples_per_s"] for a, b in zip(runs[m], runs["memory"])]
             ov_step = 1.0 - throughput[m]["examples_per_s_from_median_step"] / \
                 throughput["memory"]["examples_per_s_from_median_step"]
-            by_workers[f"w{w}"] = {"overhead": _r(ov, 4), "per_round": [_r(x, 4) for x in paired],
-                                   "overhead_from_median_step": _r(ov_step, 4),
+            by_workers[f"w{w}"] = {"overhead": _r(ov, 4), "overhead_from_median_step": _r(ov_step, 4),
+                                   "per_round": [_r(x, 4) for x in paired],
+                                   "per_round_clean": [a["clean"] and b["clean"]
+                                                       for a, b in zip(runs[m], runs["memory"])],
                                    "pass": ov <= LOADER_TARGET}
         head = by_workers[f"w{workers[0]}"]
         best_w = min(by_workers, key=lambda k: by_workers[k]["overhead"])
@@ -491,6 +585,8 @@ def main(argv=None) -> int:
         if not args.skip_objectives:
             per_objective = {}
             trainer = Trainer(cfg, mcfg, stage, objectives, args.device)
+            waited.append(wait_until_quiet(args.max_other_cpu, args.quiet_wait))
+            watch = CpuWatch().start()
             for o in stage.objectives:
                 times = []
                 for i in range(args.warmup + args.objective_steps):
@@ -501,6 +597,7 @@ def main(argv=None) -> int:
                 per_objective[o.name]["fwd_bwd_s"] = _r(_median([t["fwd_s"] + t["bwd_s"] for t in times]), 5)
                 log(f"objective {o.name}: {per_objective[o.name]['fwd_bwd_s'] * 1e3:.0f} ms forward+backward")
             opt_s = throughput["memory"]["median_step_s"]["opt_s"]
+            per_objective["other_cpu_cores_meanwhile"] = _r(watch.stop()["other_cpu_cores"], 3)
             del trainer
 
         machine = {"platform": platform.platform(), "python": platform.python_version(),
@@ -520,10 +617,12 @@ def main(argv=None) -> int:
                                 "min_segment_seconds": cfg.data.min_segment_seconds},
                        "parameters": n_params},
             "data": {k: v for k, v in data.items() if k not in ("features", "manifest")},
-            "settings": {"overrides": list(args.overrides), "device": args.device, "precision": tc.precision, "batch_size": tc.batch_size,
+            "settings": {"overrides": list(args.overrides), "device": args.device, "precision": tc.precision,
+                         "batch_size": tc.batch_size,
                          "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,
                          "workers": workers, "pin_memory": cuda},
             "throughput": throughput,
+            "quiet_wait_s": _r(sum(waited), 1),
             "loader_overhead": {"value": head["overhead"], "workers": workers[0], "target": f"<= {LOADER_TARGET}",
                                 "pass": head["pass"], "by_workers": by_workers, "best": best_w},
             "losses_match": loss_diff == 0.0 or loss_diff < 1e-4,

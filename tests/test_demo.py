@@ -3,13 +3,16 @@ from videolm.extract.shards import FeatureStore
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert run_demo(tmp_path, videos=6, seed=0, workers=1) == 0
+    small = ("batch_size=3", "max_steps=2", "checkpoint_every=1", "num_workers=0", "threads=1", "model.text_layers=1")
+    assert run_demo(tmp_path, videos=6, seed=0, workers=1, train_overrides=small) == 0
     out = capsys.readouterr().out
     assert "6 synthesized, 6 with features, 0 failed" in out and "visual words" in out
     store = FeatureStore(tmp_path / "features")
     v = store.get(store.video_ids[0])
     assert v.tokens is not None and len(v.tokens) == len(v.features) and v.tokens.max() < 64
     assert (tmp_path / "quantize_report" / "word_frequencies.png").exists()
-    # a second run reuses everything
-    assert run_demo(tmp_path, videos=6, seed=0, workers=1) == 0
+    assert "pretraining       2 steps" in out and (tmp_path / "pretrain" / "checkpoints" / "step_0000002").is_dir()
+    assert (tmp_path / "pretrain" / "loss_curves.png").exists()
+    # a second run reuses everything (pretraining resumes from its last checkpoint and has nothing left to do)
+    assert run_demo(tmp_path, videos=6, seed=0, workers=1, train_overrides=small) == 0
     assert "reusing 6 synthetic videos" in capsys.readouterr().out

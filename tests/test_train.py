@@ -194,6 +194,50 @@ def test_two_stages_and_grad_accumulation(data, tmp_path):
     assert [r["stage"] for r in rec] == [0, 0, 1, 1]
 
 
+def test_stages_keep_their_own_weights_and_options(data, tmp_path):
+    features, manifest = data
+    stages = [{"fraction": 0.5, "objectives": {"joint": {"weight": 1.0, "loss": "infonce"}}},
+              {"fraction": 0.5, "objectives": {"joint": {"weight": 0.0, "loss": "milnce"}}}]
+    cfg = tiny(None, stages=stages, extra=["joint.gather=false"])
+    assert [s.name for s in cfg.stages] == ["stage1", "stage2"]
+    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(r["loss"] > 0 for r in rec[:2]) and all(r["loss"] == 0 for r in rec[2:])  # weight per stage
+    assert rec[0]["joint_candidates"] == 4 and rec[2]["joint_candidates"] > 4  # infonce: videos; milnce: clips
+    with pytest.raises(ConfigError, match="stage names must be unique"):
+        recipe_from_dict({"stages": [{"name": "a", "fraction": 0.5, "objectives": {"joint": {}}},
+                                     {"name": "a", "fraction": 0.5, "objectives": {"joint": {}}}]})
+
+
+def test_objective_options_given_as_text_become_numbers():
+    cfg = tiny({"mlm": {"mask_prob": "1e-1"}}, extra=["mlm.mask_prob=2e-1"])
+    assert cfg.stages[0].objectives[0].options == {"mask_prob": 0.2}
+    with pytest.raises(ConfigError, match="mask_prob must be a number"):
+        tiny({"mlm": {"mask_prob": "lots"}})
+
+
+def test_resume_on_features_of_another_size_is_refused(data, tmp_path):
+    features, manifest = data
+    run = tmp_path / "run"
+    run_pretrain(tiny({"joint": {}}, extra=["max_steps=1"]), features, manifest, run, progress=False)
+    other, other_manifest = write_data(tmp_path / "wide", dim=12, quantize=False)
+    with pytest.raises(ConfigError, match="expects 8-d clip features but the shards hold 12-d"):
+        run_pretrain(tiny({"joint": {}}, extra=["max_steps=2"]), other, other_manifest, run, resume=True,
+                     progress=False)
+
+
+def test_bf16_autocast_runs_every_objective(data, tmp_path):
+    """Autocast hands back bf16 from matmuls; objectives must not mix that with float32-only constants."""
+    features, manifest = data
+    every = {name: {} for name in ("mlm", "mvm", "mfm_nce", "mfm_reg", "fom", "vsm", "joint", "align", "caption")}
+    cfg = tiny(every, extra=["precision=bf16", "max_steps=1"])
+    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
+    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(np.isfinite(record[f"{name}_loss"]) for name in every)
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        run_pretrain(apply_overrides(cfg, ["precision=fp16"]), features, manifest, tmp_path / "fp16", progress=False)
+
+
 def test_bad_inputs_have_clear_messages(data, tmp_path, caplog):
     features, manifest = data
     with pytest.raises(ConfigError, match="expects 16-d clip features but the shards hold 8-d"):
@@ -262,7 +306,7 @@ def _ddp_joint_grads(rank, world, init_file, out_file):
         half = _slice_batch(batch, rank * 3, rank * 3 + 3)
         # as in train.py: heads of other objectives get no gradient from joint
         runner = torch.nn.parallel.DistributedDataParallel(_runner(model, objective), find_unused_parameters=True)
-        runner(half, ["joint"], torch.Generator().manual_seed(0))["joint_loss"].backward()
+        runner(half, ["joint"], torch.Generator().manual_seed(0))["joint"]["joint_loss"].backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
     finally:
@@ -315,7 +359,7 @@ def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
     mp.spawn(_ddp_joint_grads, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
     ddp = torch.load(out_file)
     model, objective, batch = _joint_setup()
-    _runner(model, objective)(batch, ["joint"], torch.Generator().manual_seed(0))["joint_loss"].backward()
+    _runner(model, objective)(batch, ["joint"], torch.Generator().manual_seed(0))["joint"]["joint_loss"].backward()
     single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert ddp.keys() == single.keys() and "logit_scale" in single
     for name in single:

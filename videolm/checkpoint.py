@@ -8,7 +8,7 @@ Layout under the run directory::
         trainer.pt      optimizer, scheduler, loss scaler, step, RNG states
         config.yaml     the full recipe (data, model with resolved sizes, train, stages)
         tokenizer/      WordPiece vocab and tokenizer config (save_pretrained)
-        meta.json       step, stage, videolm version, feature dir, time
+        meta.json       step, videolm version, time, features, manifest, world size
       step_0001000/
       latest            name of the newest complete checkpoint directory
 

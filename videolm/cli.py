@@ -161,7 +161,7 @@ def _add_pretrain(sub):
         description="Train the video-text model on cached shards and the manifest's timed captions. Recipes "
                     "(pipelines/videobert.yaml, univl.yaml, hero.yaml, demo.yaml) mix the objectives mlm, mvm, "
                     "mfm_nce, mfm_reg, fom, vsm, joint, align and caption. Multi-process: "
-                    "torchrun --nproc-per-node N -m videolm pretrain ...",
+                    "torchrun --nproc-per-node N -m videolm pretrain ... (or -m videolm.cli)",
     )
     p.add_argument("--config", help="recipe YAML (required unless --resume finds the run's own config)")
     p.add_argument("--features", required=True, help="feature directory (shards, and codebook for visual words)")
@@ -203,18 +203,22 @@ def _cmd_pretrain(args) -> int:
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default (synthetic videos)",
-                       description="Synthesize a small set of videos, extract 'pixels' features and print a summary.")
+                       description="Synthesize a small set of videos, extract 'pixels' features, quantise them into "
+                                   "visual words, pretrain the demo recipe and print a summary.")
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
     p.add_argument("--videos", type=int, default=64, help="number of synthetic videos (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="overrides for the demo pretraining recipe (pipelines/demo.yaml), e.g. max_steps=50")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), videos=args.videos, seed=args.seed, workers=args.workers)
+    return run_demo(Path(args.out), videos=args.videos, seed=args.seed, workers=args.workers,
+                    train_overrides=tuple(args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:

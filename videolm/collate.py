@@ -10,6 +10,7 @@ key                shape         meaning
 ``video_tokens``   (B, T) long   visual words + ``TOKEN_OFFSET`` (0 = [PAD]); only when the
                                  features are quantised
 ``clip_owner``     (B, T) long   subtitle index (into ``sub_*``) owning each clip, -1 none
+``clip_start``     (B, T) float  clip start time in seconds (with ``video_key``, identifies a clip)
 ``text_ids``       (B, L) long   the example's captions joined in time order, WordPiece ids
                                  ``[CLS] ... [SEP]``
 ``text_mask``      (B, L) bool
@@ -53,6 +54,7 @@ class Collator:
         video = torch.zeros(B, T, D)
         video_mask = torch.zeros(B, T, dtype=torch.bool)
         owner = torch.full((B, T), -1, dtype=torch.long)
+        clip_start = torch.zeros(B, T)
         has_tokens = all(e["tokens"] is not None for e in examples)
         tokens = torch.zeros(B, T, dtype=torch.long) if has_tokens else None
         for i, e in enumerate(examples):
@@ -60,6 +62,10 @@ class Collator:
             video[i, :n] = torch.from_numpy(np.ascontiguousarray(e["features"], dtype=np.float32))
             video_mask[i, :n] = True
             owner[i, :n] = torch.from_numpy(np.asarray(e["clip_owner"], dtype=np.int64))
+            if e.get("clip_starts") is not None:  # NaN otherwise: compares unequal, so no clip counts as a copy
+                clip_start[i, :n] = torch.from_numpy(np.asarray(e["clip_starts"], dtype=np.float32))
+            else:
+                clip_start[i, :n] = float("nan")
             if has_tokens:
                 tokens[i, :n] = torch.from_numpy(np.asarray(e["tokens"], dtype=np.int64)) + TOKEN_OFFSET
 
@@ -84,7 +90,7 @@ class Collator:
 
         video_key = torch.tensor([zlib.crc32(e["video_id"].encode("utf-8")) for e in examples], dtype=torch.long)
         batch = {
-            "video": video, "video_mask": video_mask, "clip_owner": owner,
+            "video": video, "video_mask": video_mask, "clip_owner": owner, "clip_start": clip_start,
             "text_ids": text_ids, "text_mask": text_mask,
             "sub_ids": sub_ids, "sub_mask": sub_mask, "sub_spans": spans, "sub_valid": valid,
             "video_key": video_key, "video_ids": [e["video_id"] for e in examples],

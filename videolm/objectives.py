@@ -142,7 +142,12 @@ class MaskedFrameNCE:
         candidates = F.normalize(batch["video"][vm].float(), dim=-1)
         # index of each masked clip among the real clips, in the same row-major order as batch["video"][vm]
         target = (torch.cumsum(vm.flatten().long(), 0) - 1)[chosen.flatten()]
-        logits = pred @ candidates.t() / self.temperature
+        logits = (pred @ candidates.t()).float() / self.temperature
+        if "clip_start" in batch:  # overlapping segments repeat a clip: its copy is not a negative
+            key = batch["video_key"][:, None].expand_as(vm)
+            same = (key[chosen][:, None] == key[vm][None, :]) & (batch["clip_start"][chosen][:, None] == batch["clip_start"][vm][None, :])
+            same[torch.arange(len(target), device=target.device), target] = False
+            logits = logits.masked_fill(same, float("-inf"))
         loss = F.cross_entropy(logits, target)
         return {"mfm_nce_loss": loss, "mfm_nce_acc": (logits.argmax(-1) == target).float().mean().item()}
 
@@ -203,6 +208,8 @@ class FrameOrderModelling:
         if tokens is not None:
             tokens = tokens.gather(1, order)
         out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
+        if not moved.any():  # every video in the batch has a single clip: nothing to reorder
+            return {"fom_loss": out.temporal.sum() * 0.0, "fom_acc": float("nan")}
         logits = model.fom_head(out.temporal[moved]).float()
         target = order[moved]
         loss = F.cross_entropy(logits, target)
@@ -226,8 +233,6 @@ class VideoSubtitleMatching:
     def __call__(self, model, batch, gen):
         vm, valid, spans = batch["video_mask"], batch["sub_valid"] & (batch["sub_spans"][..., 0] >= 0), batch["sub_spans"]
         has = valid.any(1)
-        if not has.any():
-            raise ValueError("vsm: no example in the batch has a subtitle overlapping its clips")
         # a random valid subtitle per example: argmax of random scores over valid ones
         pick = torch.where(valid, _rand(valid.shape, gen, valid.device), torch.full_like(valid, -1.0, dtype=torch.float)).argmax(1)
         rows = torch.arange(len(pick), device=pick.device)
@@ -237,14 +242,18 @@ class VideoSubtitleMatching:
         video, tokens = _video_inputs(batch, model)
         out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
         frames = out.temporal.float()
+        if not has.any():  # no subtitle overlaps any crop in this batch: nothing to match
+            zero = frames.sum() * 0.0 + q.sum() * 0.0
+            return {"vsm_loss": zero, "vsm_local": float("nan"), "vsm_global": float("nan")}
         neg_inf = torch.finfo(frames.dtype).min
-        start_logits = torch.einsum("bth,bh->bt", frames, q_start).masked_fill(~vm, neg_inf)
-        end_logits = torch.einsum("bth,bh->bt", frames, q_end).masked_fill(~vm, neg_inf)
+        # .float() after each product: under autocast einsum returns bf16/fp16 whatever its inputs
+        start_logits = torch.einsum("bth,bh->bt", frames, q_start).float().masked_fill(~vm, neg_inf)
+        end_logits = torch.einsum("bth,bh->bt", frames, q_end).float().masked_fill(~vm, neg_inf)
         span = spans[rows, pick]
         local = (F.cross_entropy(start_logits[has], span[has, 0]) + F.cross_entropy(end_logits[has], span[has, 1])) / 2
 
         # global: s[i, j] = max_t cos(query_i, clip_t of video j)
-        sims = torch.einsum("ih,jth->ijt", F.normalize(q_glob, dim=-1), F.normalize(frames, dim=-1))
+        sims = torch.einsum("ih,jth->ijt", F.normalize(q_glob, dim=-1), F.normalize(frames, dim=-1)).float()
         sims = sims.masked_fill(~vm[None, :, :], -2.0).amax(-1)
         pos = sims.diagonal()
         negative = ~same_video(batch) & has[:, None] & has[None, :]
@@ -289,14 +298,14 @@ class JointContrastive:
             idx = torch.arange(n, device=t.device) + offset
             blocked = same_video(batch, keys)[idx]  # (n, N): other examples of the same video
             blocked[torch.arange(n), idx] = False
-            logits_t = (scale * t @ v_all.t()).masked_fill(blocked, float("-inf"))
-            logits_v = (scale * v @ t_all.t()).masked_fill(blocked, float("-inf"))
+            logits_t = (scale * (t @ v_all.t()).float()).masked_fill(blocked, float("-inf"))
+            logits_v = (scale * (v @ t_all.t()).float()).masked_fill(blocked, float("-inf"))
             loss = (F.cross_entropy(logits_t, idx) + F.cross_entropy(logits_v, idx)) / 2
         else:
             clips = model.clip_embeddings(video_h).float()  # (B, T, E)
             owner = torch.arange(len(t), device=t.device)[:, None].expand_as(vm)[vm]
             c = clips[vm]  # (M, E) every real clip in the batch
-            scores = scale * t @ c.t()  # (B, M)
+            scores = scale * (t @ c.t()).float()  # (B, M)
             pos = owner[None, :] == torch.arange(len(t), device=t.device)[:, None]
             same = same_video(batch)[:, owner]
             scores = scores.masked_fill(same & ~pos, float("-inf"))

@@ -125,11 +125,19 @@ def _objective(name: str, spec) -> ObjectiveSpec:
     weight, ratio = float(spec.pop("weight", 1.0)), float(spec.pop("ratio", 1.0))
     if weight < 0 or ratio < 0:
         raise ConfigError(f"objective {name}: weight and ratio must be >= 0")
-    accepted = set(inspect.signature(OBJECTIVES[name]).parameters) - {"vocab"}
+    params = inspect.signature(OBJECTIVES[name]).parameters
+    accepted = set(params) - {"vocab"}
     unknown = set(spec) - accepted
     if unknown:
         raise ConfigError(f"objective {name}: unknown option(s) {', '.join(sorted(unknown))}; "
                           f"known: weight, ratio, {', '.join(sorted(accepted))}")
+    for key, value in spec.items():  # numbers given as text (YAML reads 1e-1 as a string) take the default's type
+        default = params[key].default
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
+            try:
+                spec[key] = type(default)(float(value))
+            except ValueError:
+                raise ConfigError(f"objective {name}: option {key} must be a number, got {value!r}") from None
     return ObjectiveSpec(name, weight, ratio, spec)
 
 
@@ -153,7 +161,11 @@ def recipe_from_dict(raw: dict) -> PretrainConfig:
     if "stages" in raw and ("objectives" in raw or "mixing" in raw):
         raise ConfigError("give either `stages:` or top-level `objectives:`/`mixing:`, not both")
     stages_raw = raw.get("stages") or [{"objectives": raw.get("objectives"), "mixing": raw.get("mixing", "sum")}]
-    stages = tuple(_stage(s) for s in stages_raw)
+    stages = tuple(_stage({"name": f"stage{i + 1}" if len(stages_raw) > 1 else "main", **s})
+                   for i, s in enumerate(stages_raw))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"stage names must be unique, got {names}")
     total = sum(s.fraction for s in stages)
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"stage fractions add up to {total:g}, not 1")

@@ -85,11 +85,12 @@ class ObjectiveRunner(nn.Module):
         super().__init__()
         self.model, self.objectives = model, objectives
 
-    def forward(self, batch: dict, names: list[str], gen: torch.Generator) -> dict:
-        out = {}
-        for name in names:
-            out.update(self.objectives[name](self.model, batch, gen))
-        return out
+    def forward(self, batch: dict, tasks: list[str], gen: torch.Generator) -> dict[str, dict]:
+        return {task: self.objectives[task](self.model, batch, gen) for task in tasks}
+
+
+def task_key(stage_index: int, name: str) -> str:
+    return f"{stage_index}:{name}"
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -190,16 +191,22 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
     cfg = PretrainConfig(cfg.data, mcfg, tc, cfg.stages)
     if ckpt is not None:
         saved = load_run_config(ckpt)
+        resolve_model_config(saved.model, store.dim, int(codebook["model_vocab_size"]) if codebook else 0)
         _check_resume_config(saved, cfg)
         cfg = PretrainConfig(saved.data, saved.model, tc, saved.stages)
+        before = json.loads((ckpt / "meta.json").read_text()).get("world_size", world)
+        if before != world and rank == 0:
+            log.warning("resuming a run trained with %d process(es) on %d: the global batch and data order "
+                        "change, so losses will not repeat an uninterrupted run", before, world)
 
     dataset = VideoTextDataset(store, entries, cfg.data, seed=tc.seed)
     text_dir = resolve_text_dir(cfg.model.text_init)
     tokenizer = load_tokenizer(ckpt / "tokenizer" if ckpt else text_dir)
     vocab = TextVocab.from_tokenizer(tokenizer)
-    objectives = {n: build_objective(n, vocab, next(o.options for s in cfg.stages for o in s.objectives if o.name == n))
-                  for n in cfg.objective_names}
-    weights = {(s.name, o.name): o.weight for s in cfg.stages for o in s.objectives}
+    # one instance per (stage, objective): stages may give the same objective other options
+    objectives = {task_key(si, o.name): build_objective(o.name, vocab, o.options)
+                  for si, s in enumerate(cfg.stages) for o in s.objectives}
+    weights = {task_key(si, o.name): o.weight for si, s in enumerate(cfg.stages) for o in s.objectives}
 
     torch.manual_seed(tc.seed)
     model = VideoTextModel(cfg.model).to(device)
@@ -262,7 +269,9 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
     try:
         while step < tc.max_steps:
             stage = cfg.stage_at(step)
+            si = cfg.stages.index(stage)
             names = choose_objectives(stage, tc.seed, step)
+            tasks = [task_key(si, n) for n in names]
             seed = step_seed(tc.seed, step, rank)
             torch.manual_seed(seed)  # dropout: same draws when this step is replayed after a resume
             gen = torch.Generator().manual_seed(seed)
@@ -271,11 +280,12 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
                 batch = batch_to(next(batches), device)
                 sync = micro == tc.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else runner.no_sync()), _autocast(device, tc.precision):
-                    out_losses = runner(batch, names, gen)
-                    total = 0.0
-                    for name in names:
-                        parts = [v for k, v in out_losses.items() if k.endswith("_loss") and k.startswith(name)]
-                        total = total + weights[(stage.name, name)] * sum(parts)
+                    per_task = runner(batch, tasks, gen)
+                    total, out_losses = 0.0, {}
+                    for task, values_of_task in per_task.items():
+                        parts = [v for k, v in values_of_task.items() if k.endswith("_loss")]
+                        total = total + weights[task] * sum(parts)
+                        out_losses.update(values_of_task)
                     if not torch.isfinite(total):
                         raise TrainError(f"step {step + 1}: loss is {total.item()} ({', '.join(names)}); "
                                          "lower lr or use fp32")
@@ -301,9 +311,11 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
                 window[k].append(v)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 now = time.perf_counter()
-                record = {k: float(np.mean(v)) for k, v in window.items()}
+                # NaN marks a metric an objective could not measure on that step (e.g. fom on one-clip videos)
+                record = {k: float(np.mean([x for x in v if x == x])) if any(x == x for x in v) else float("nan")
+                          for k, v in window.items()}
                 record["examples_per_s"] = examples_per_step * len(window["loss"]) / (now - t_window)
-                record["stage"] = cfg.stages.index(stage)
+                record["stage"] = si
                 metrics.log(step, record)
                 window, t_window = defaultdict(list), now
                 if bar is not None:
