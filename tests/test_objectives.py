@@ -128,6 +128,19 @@ def record_calls(monkeypatch, obj, name):
     return calls
 
 
+def record_outputs(monkeypatch, obj, name):
+    """Wrap ``obj.name`` so that every call's return value is recorded."""
+    orig = getattr(obj, name)
+    outputs = []
+
+    def wrapper(*args, **kwargs):
+        outputs.append(orig(*args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(obj, name, wrapper)
+    return outputs
+
+
 class RecordingF:
     """Stands in for ``torch.nn.functional`` inside objectives.py and records loss targets."""
 
@@ -298,6 +311,31 @@ def test_mfm_nce_target_is_the_masked_clips_own_feature(model, vocab, collate, m
         assert torch.equal(candidates[target[k]], batch["video"][b, t]), (b, t)
 
 
+def test_mfm_nce_does_not_use_a_repeated_clip_as_a_negative(model, vocab, collate, monkeypatch, rec_f):
+    # Overlapping segments of one video repeat clips (same video, same start time): a masked
+    # clip's copy in another row is neither its target nor a negative.
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(6, FEATURE_DIM))
+    seg_a = example("vA", feats[:4], ["first half"], [[0, 3]], rng=rng)
+    seg_b = example("vA", feats[2:], ["second half"], [[0, 3]], rng=rng)
+    seg_b["clip_starts"], seg_b["clip_ends"] = np.arange(2, 6, dtype=float), np.arange(3, 7, dtype=float)
+    other = example("vB", rng.normal(size=(3, FEATURE_DIM)), ["other video"], [[0, 2]], rng=rng)
+    batch = collate([seg_a, seg_b, other])
+    vm = batch["video_mask"]
+    fwd = record_calls(monkeypatch, model, "forward")
+    build_objective("mfm_nce", vocab, {"mask_prob": 0.6})(model, batch, gen(0))
+    chosen = (fwd[0]["video"] != batch["video"]).any(-1)
+    (logits, target), = rec_f.ce
+    flat = [(b, t) for b, t in vm.nonzero().tolist()]  # candidate order
+    copies = {(0, 2): (1, 0), (0, 3): (1, 1), (1, 0): (0, 2), (1, 1): (0, 3)}
+    assert any(tuple(x) in copies for x in chosen.nonzero().tolist()), "want a masked clip that has a copy"
+    for k, (b, t) in enumerate(chosen.nonzero().tolist()):
+        assert flat[target[k]] == (b, t) and torch.isfinite(logits[k, target[k]])
+        blocked = {flat.index(copies[(b, t)])} if (b, t) in copies else set()
+        for j in range(len(flat)):
+            assert torch.isinf(logits[k, j]) == (j in blocked), ((b, t), flat[j])
+
+
 def test_mfm_reg_regresses_the_masked_clips_original_features(model, vocab, collate, monkeypatch, rec_f):
     batch = handmade_batch(collate)
     fwd = record_calls(monkeypatch, model, "forward")
@@ -342,9 +380,10 @@ def test_vsm_targets_are_the_picked_subtitles_span(model, vocab, collate, monkey
     vm, spans = batch["video_mask"], batch["sub_spans"]
     has = (batch["sub_valid"] & (spans[..., 0] >= 0)).any(1)
     picked_rows0 = set()
+    calls = record_calls(monkeypatch, model, "encode_text")
     for seed in range(8):
         rec_f.ce.clear()
-        calls = record_calls(monkeypatch, model, "encode_text")
+        calls.clear()
         build_objective("vsm", vocab, {})(model, batch, gen(seed))
         q_ids = calls[0]["ids"]  # the query is encoded first, before the caption/video pass
         picks = []
@@ -363,8 +402,6 @@ def test_vsm_targets_are_the_picked_subtitles_span(model, vocab, collate, monkey
         # padded clips can never be the predicted start or end
         assert (start_logits[~vm[has]] == torch.finfo(start_logits.dtype).min).all()
         assert (end_logits[~vm[has]] == torch.finfo(end_logits.dtype).min).all()
-        monkeypatch.undo()
-        monkeypatch.setattr(objectives, "F", rec_f)
     assert picked_rows0 == {0, 1}, "the query subtitle should vary with the generator"
 
 
@@ -451,9 +488,7 @@ def test_align_never_uses_the_same_video_as_a_negative(model, vocab, collate, mo
 
     monkeypatch.setattr(obj, "_pick", pick)
     cross = record_calls(monkeypatch, model, "cross")
-    scores = []
-    orig_score = model.align_score
-    monkeypatch.setattr(model, "align_score", lambda pooled: scores.append(orig_score(pooled)) or scores[-1])
+    scores = record_outputs(monkeypatch, model, "align_score")
     model.eval()
     got = obj(model, batch, gen(0))["align_loss"]
 
@@ -492,12 +527,8 @@ def test_vsm_global_hinge_skips_pairs_from_the_same_video(model, vocab, collate,
     keys, vm = batch["video_key"], batch["video_mask"]
     # margin 1 makes every hinge term positive, so an included same-video pair would show
     obj = build_objective("vsm", vocab, {"margin": 1.0})
-    queries = []
-    orig_query = model.vsm_query.forward
-    monkeypatch.setattr(model.vsm_query, "forward", lambda x: queries.append(orig_query(x)) or queries[-1])
-    outputs = []
-    orig_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: outputs.append(orig_forward(*a, **k)) or outputs[-1])
+    queries = record_outputs(monkeypatch, model.vsm_query, "forward")
+    outputs = record_outputs(monkeypatch, model, "forward")
     model.eval()
     got = obj(model, batch, gen(0))["vsm_global"]
 
@@ -537,7 +568,8 @@ def padded_batch(collate):
 OBJECTIVE_VARIANTS = [(name, {}) for name in OBJECTIVES] + [("joint", {"loss": "milnce"})]
 
 
-@pytest.mark.parametrize("name,options", OBJECTIVE_VARIANTS, ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("name,options", OBJECTIVE_VARIANTS,
+                         ids=["-".join([n, *map(str, o.values())]) for n, o in OBJECTIVE_VARIANTS])
 def test_loss_and_gradients_are_finite_on_a_padded_batch(model, vocab, collate, name, options):
     batch = padded_batch(collate)
     assert not batch["video_mask"].all() and not batch["text_mask"].all()
@@ -552,6 +584,20 @@ def test_loss_and_gradients_are_finite_on_a_padded_batch(model, vocab, collate, 
         for k, v in out.items():
             if not k.endswith("_loss"):
                 assert np.isfinite(v), (k, v)
+
+
+def test_degenerate_batches_give_a_zero_loss_not_nan(model, vocab, collate):
+    # Nothing to reorder (single-clip videos) or to match (no subtitle on any clip): the step
+    # must go on with a zero, differentiable loss rather than stop on a NaN.
+    rng = np.random.default_rng(0)
+    single = collate([example(f"v{i}", rng.normal(size=(1, FEATURE_DIM)), ["one clip"], [[0, 0]], rng=rng)
+                      for i in range(3)])
+    off_clip = collate([example(f"v{i}", rng.normal(size=(3, FEATURE_DIM)), ["not on a clip"], [[-1, -1]], rng=rng)
+                        for i in range(3)])
+    for name, batch in (("fom", single), ("vsm", off_clip)):
+        loss = total_loss(build_objective(name, vocab, {})(model, batch, gen(0)))
+        assert loss.item() == 0.0, name
+        loss.backward()
 
 
 def test_mvm_on_a_visual_words_model(vocab, collate, monkeypatch):
