@@ -277,7 +277,7 @@ class Trainer:
         import torch
 
         from videolm.model import VideoTextModel
-        from videolm.train import ObjectiveRunner, build_optimizer, lr_factor
+        from videolm.train import ObjectiveRunner, build_optimizer, lr_factor, task_key
 
         tc = cfg.train
         torch.manual_seed(tc.seed)
@@ -288,7 +288,8 @@ class Trainer:
         self.runner = ObjectiveRunner(self.model, objectives)
         self.runner.train()
         self.cfg, self.stage, self.device = cfg, stage, device
-        self.weights = {(s.name, o.name): o.weight for s in cfg.stages for o in s.objectives}
+        self.stage_index = cfg.stages.index(stage)
+        self.weights = {task_key(si, o.name): o.weight for si, s in enumerate(cfg.stages) for o in s.objectives}
 
     def step(self, batch_cpu: dict, step: int, names: list[str] | None = None, optimize: bool = True) -> dict:
         """One optimizer step of train.py's loop (grad_accum 1, one process); returns timings and loss."""
@@ -297,21 +298,23 @@ class Trainer:
 
         from videolm.collate import batch_to
         from videolm.config import TrainError
-        from videolm.train import _autocast, choose_objectives, step_seed
+        from videolm.train import _autocast, choose_objectives, step_seed, task_key
 
         tc, stage, device = self.cfg.train, self.stage, self.device
         t0 = time.perf_counter()
         names = names or choose_objectives(stage, tc.seed, step)
+        tasks = [task_key(self.stage_index, n) for n in names]
         seed = step_seed(tc.seed, step, 0)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         batch = batch_to(batch_cpu, device)
         with _autocast(device, tc.precision):
-            out = self.runner(batch, names, gen)
-            total = 0.0
-            for name in names:
-                parts = [v for k, v in out.items() if k.endswith("_loss") and k.startswith(name)]
-                total = total + self.weights[(stage.name, name)] * sum(parts)
+            per_task = self.runner(batch, tasks, gen)
+            total, out = 0.0, {}
+            for task, values_of_task in per_task.items():
+                parts = [v for k, v in values_of_task.items() if k.endswith("_loss")]
+                total = total + self.weights[task] * sum(parts)
+                out.update(values_of_task)
             if not torch.isfinite(total):
                 raise TrainError(f"step {step + 1}: loss is {total.item()}")
         t1 = time.perf_counter()
@@ -437,7 +440,7 @@ def main(argv=None) -> int:
     from videolm.objectives import TextVocab, build_objective
     from videolm.recipe import PretrainConfig, TrainConfig
     from videolm.text import load_tokenizer, resolve_text_dir
-    from videolm.train import PlannedBatches
+    from videolm.train import PlannedBatches, task_key
 
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
@@ -470,8 +473,9 @@ def main(argv=None) -> int:
         dataset = VideoTextDataset(store, entries, cfg.data, seed=tc.seed)
         tokenizer = load_tokenizer(resolve_text_dir(cfg.model.text_init))
         vocab = TextVocab.from_tokenizer(tokenizer)
-        objectives = {n: build_objective(n, vocab, next(o.options for s in cfg.stages for o in s.objectives
-                                                        if o.name == n)) for n in cfg.objective_names}
+        # one instance per (stage, objective), keyed like train._train
+        objectives = {task_key(si, o.name): build_objective(o.name, vocab, o.options)
+                      for si, s in enumerate(cfg.stages) for o in s.objectives}
         collate = Collator(tokenizer, cfg.model.max_text_len, min(32, cfg.model.max_text_len))
         sampler_args = (len(dataset), tc.batch_size, 1, 0, tc.seed, 0)
         plan = PlannedBatches(*sampler_args)
