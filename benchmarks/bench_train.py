@@ -20,33 +20,38 @@ objectives, the same step seeds and the same batches:
 
 * ``loader_w<N>``: a ``torch.utils.data.DataLoader`` over ``VideoTextDataset`` with
   ``PlannedBatches`` and ``Collator``, built exactly as ``videolm/train.py`` builds it,
-  with N workers (``--workers``, default: TrainConfig's default, then 0);
+  with N workers (``--workers``, default: TrainConfig's default 2, then 0);
 * ``memory``: the same first ``warmup + steps`` batches of that plan collated into a
   list before the clock starts, then replayed.
 
 One timed run = ``--warmup`` untimed optimizer steps, then ``--steps`` timed ones of
 the full train step of train.py (objectives' forward, weighted loss sum, backward,
-grad clipping, AdamW, scheduler), including the wait for the next batch. Runs of the
-modes alternate for ``--rounds`` rounds (the order flips every round) and medians are
-reported. ``loader_overhead = 1 - loader examples/s / memory examples/s``; the target
-is <= 0.10 for the default worker count. ``losses_match`` checks that the loader and
-the in-memory list really fed identical batches (per-step losses of the first run of
-each mode compared).
+grad clipping, AdamW, scheduler; not metrics logging or checkpoints), including the
+wait for the next batch. Each run is
+a fresh forked process (see "child processes" below). Runs of the modes alternate for
+``--rounds`` rounds (the order flips every round) and medians are reported.
+``loader_overhead = 1 - loader examples/s / memory examples/s``; the target is
+<= 0.10 for the default worker count. ``losses_match`` checks that the loader and the
+in-memory list really fed identical batches (per-step losses of the first run of each
+mode compared). Runs during which other processes used CPU (``other_cpu_cores`` >=
+``--max-other-cpu``) are flagged and left out of the medians when clean runs exist;
+``--quiet-wait`` waits for the machine to go quiet before each run.
 
 ``per_objective``: every objective of the stage alone, forward + backward seconds
 per step (median) on the in-memory batches; ``optimizer_step_s`` is clip + AdamW.
 ``loader_alone``: the DataLoader iterated without training (how fast it can feed),
-and ``main_process_costs``: per batch, ``dataset[i]`` (HDF5 read + caption/clip
-alignment) and ``Collator`` (padding + tokenisation) timed in this process.
+and ``one_process_costs``: per batch, ``dataset[i]`` (HDF5 read + caption/clip
+alignment) and ``Collator`` (padding + tokenisation) in one process.
+``--diagnose`` adds loader variants that split the loader's cost (see its help).
 
-GPU: ``--device cuda --precision bf16 --size base`` (autocast as in train.py) also
-reports ``torch.cuda.max_memory_allocated`` per mode.
+GPU: ``--device cuda`` defaults to ``--precision bf16 --size base`` (autocast as in
+train.py, pinned memory as in train.py) and also reports
+``torch.cuda.max_memory_allocated`` per mode.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -93,7 +98,7 @@ BUILTIN_UNIVL = {
     "train": {"batch_size": 32, "lr": 1e-4, "warmup_steps": 100, "schedule": "linear", "max_steps": 1000},
     "mixing": "sum",
     "objectives": {
-        "joint": {"weight": 1.0},
+        "joint": {"weight": 1.0, "loss": "milnce"},
         "mlm": {"weight": 1.0, "mask_prob": 0.15},
         "mfm_nce": {"weight": 1.0, "mask_prob": 0.15},
         "align": {"weight": 1.0, "negatives": 3},
@@ -386,6 +391,147 @@ def make_loader(dataset, sampler_args, collate, workers: int, device: str):
         prefetch_factor=4 if workers else None)
 
 
+# --------------------------------------------------------------------------- child processes
+# Every measurement runs in a forked child of a parent that never trains:
+# * the HF fast tokenizer disables its thread pool in processes forked after it was used,
+#   so a parent that tokenised (to build the in-memory batches) would give the loader's
+#   workers a different tokenizer than `videolm pretrain` gives them;
+# * GNU OpenMP hangs in a forked child once the parent has run parallel regions, so the
+#   parent runs torch with one thread and each child restores the thread count;
+# * CUDA must not be initialised before a fork; each child opens its own context;
+# * every run starts from a fresh process (allocator, caches), as a real run does.
+
+S = argparse.Namespace()  # state the children inherit: config, dataset, batches, ...
+
+
+def _child_entry(send, fn, args):
+    try:
+        import torch
+
+        torch.set_num_threads(S.threads)
+        send.send((True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        import traceback
+
+        send.send((False, traceback.format_exc()))
+    finally:
+        send.close()
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a forked child process; its return value comes back through a pipe."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_entry, args=(send, fn, args))
+    proc.start()
+    send.close()
+    try:
+        ok, value = recv.recv()
+    except EOFError:
+        ok, value = False, "the child process died"
+    proc.join()
+    if not ok:
+        raise RuntimeError(f"benchmark child process failed (exit code {proc.exitcode}):\n{value}")
+    return value
+
+
+class _Precollated:
+    """Dataset of ready batches, for the IPC-only diagnostic (workers that do no loading work)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __getitem__(self, i):
+        return self.batches[i % len(self.batches)]
+
+
+class _Counter:
+    def __iter__(self):
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+
+def _loader_for(mode: str):
+    """DataLoader for ``loader_w<N>[_serialtok|_ipc]``."""
+    import torch
+
+    parts = mode.split("_")
+    workers = int(parts[1][1:])
+    variant = parts[2] if len(parts) > 2 else ""
+    if variant == "serialtok":  # workers inherit it: the tokenizer runs without its thread pool
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if variant == "ipc":
+        return torch.utils.data.DataLoader(
+            _Precollated(S.memory_batches), batch_size=None, sampler=_Counter(), num_workers=workers,
+            pin_memory=S.cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    return make_loader(S.dataset, S.sampler_args, S.collate, workers, S.args.device)
+
+
+def child_main_costs() -> dict:
+    """``dataset[i]`` and ``Collator`` timed in one process, as ``num_workers: 0`` runs them."""
+    get_s, col_s = [], []
+    for i in range(len(S.memory_batches)):
+        t0 = time.perf_counter()
+        examples = [S.dataset[k] for k in S.plan.batch(i)]
+        t1 = time.perf_counter()
+        S.collate(examples)
+        t2 = time.perf_counter()
+        get_s.append(t1 - t0)
+        col_s.append(t2 - t1)
+    return {"getitem_s_per_batch": _r(_median(get_s), 5), "collate_s_per_batch": _r(_median(col_s), 5),
+            "batches": len(get_s)}
+
+
+def child_loader_alone(mode: str) -> dict:
+    n = len(S.memory_batches)
+    it = iter(_loader_for(mode))
+    next(it)  # worker start-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    dt = time.perf_counter() - t0
+    return {"examples_per_s": _r(S.cfg.train.batch_size * n / dt, 1), "s_per_batch": _r(dt / n, 5)}
+
+
+def child_timed(mode: str) -> dict:
+    import torch
+
+    a = S.args
+    if S.cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU")
+    trainer = Trainer(S.cfg, S.mcfg, S.stage, S.objectives, a.device)
+    if mode == "memory":
+        batches = _cycle(S.memory_batches)
+    else:
+        batches = iter(_loader_for(mode))
+    r = timed_run(trainer, batches, a.warmup, a.steps, a.device)
+    r["parameters"] = sum(q.numel() for q in trainer.model.parameters())
+    r["device_name"] = torch.cuda.get_device_name(torch.device(a.device)) if S.cuda else "cpu"
+    r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this training process
+    return r
+
+
+def child_objectives() -> dict:
+    a = S.args
+    trainer = Trainer(S.cfg, S.mcfg, S.stage, S.objectives, a.device)
+    out, watch = {}, CpuWatch().start()
+    for o in S.stage.objectives:
+        times = []
+        for i in range(a.warmup + a.objective_steps):
+            r = trainer.step(S.memory_batches[i % len(S.memory_batches)], i, names=[o.name], optimize=False)
+            if i >= a.warmup:
+                times.append(r)
+        out[o.name] = {k: _r(_median([t[k] for t in times]), 5) for k in ("fwd_s", "bwd_s")}
+        out[o.name]["fwd_bwd_s"] = _r(_median([t["fwd_s"] + t["bwd_s"] for t in times]), 5)
+        log(f"objective {o.name}: {out[o.name]['fwd_bwd_s'] * 1e3:.0f} ms forward+backward")
+    out["other_cpu_cores_meanwhile"] = _r(watch.stop()["other_cpu_cores"], 3)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -393,19 +539,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                    help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="model size: small (CPU default) | base "
                                                                       "(CUDA default)")
     p.add_argument("--recipe", default=None, help="recipe YAML (default pipelines/univl.yaml, built-in if missing)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 (small) / 64 (base)")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 8 CPU, 50 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timed run (default 2 / 10)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 8 CPU, 30 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timed run (default 2 / 5)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of alternating loader/memory runs (median)")
     p.add_argument("--workers", default=None,
                    help="comma-separated DataLoader worker counts; the first is the headline (default: "
                         "TrainConfig's default, then 0)")
-    p.add_argument("--objective-steps", type=int, default=None, help="timed steps per objective (default 4 / 20)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="add diagnostic modes for the headline worker count N: loader_wN_serialtok (tokenizer "
+                        "without its thread pool in the workers) and loader_wN_ipc (workers hand out ready "
+                        "batches: process + transfer cost only), plus loader_w1")
+    p.add_argument("--objective-steps", type=int, default=None, help="timed steps per objective (default 4 / 10)")
     p.add_argument("--skip-objectives", action="store_true", help="leave out the per-objective timings")
     p.add_argument("--videos", type=int, default=300)
     p.add_argument("--shards", type=int, default=4)
@@ -415,7 +565,8 @@ def main(argv=None) -> int:
                         "and left out of the medians when clean runs exist (default 0.1)")
     p.add_argument("--quiet-wait", type=float, default=20.0,
                    help="before each run, wait up to this many seconds for other processes to go quiet (0: no)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the main process (0: leave)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the training process (0: torch's "
+                                                          "default, as videolm pretrain)")
     p.add_argument("--workdir", default=None, help="where data is written (kept and reused); default: a temp dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -426,11 +577,14 @@ def main(argv=None) -> int:
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.size = args.size or ("base" if cuda else "small")
     args.batch_size = args.batch_size or (64 if args.size == "base" else 16)
-    args.steps = args.steps or (50 if cuda else 8)
-    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    args.objective_steps = args.objective_steps or (20 if cuda else 4)
+    args.steps = args.steps or (30 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    args.objective_steps = args.objective_steps or (10 if cuda else 4)
 
     import torch
+
+    S.threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # the parent only prepares data; see "child processes" above
 
     from videolm.collate import Collator
     from videolm.data import VideoTextDataset
@@ -442,11 +596,7 @@ def main(argv=None) -> int:
     from videolm.text import load_tokenizer, resolve_text_dir
     from videolm.train import PlannedBatches, task_key
 
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch sees no GPU")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    default_workers = [TrainConfig().num_workers, 0] + ([4] if cuda else [])
+    default_workers = [TrainConfig().num_workers, 0]
     workers = [int(w) for w in args.workers.split(",")] if args.workers else default_workers
     workers = list(dict.fromkeys(workers))
 
@@ -483,62 +633,52 @@ def main(argv=None) -> int:
         data.update(examples=len(dataset), batches_per_epoch=plan.per_epoch)
         log(f"{len(dataset)} examples; recipe {source}, stage {stage.name!r} ({stage.mixing}: "
             f"{', '.join(o.name for o in stage.objectives)}), size {args.size}, batch {tc.batch_size}, "
-            f"{args.device} {tc.precision}, torch threads {torch.get_num_threads()}")
+            f"{args.device} {tc.precision}, torch threads {S.threads}")
 
-        # what the main process would pay to make a batch itself (the in-memory list is made here, too)
-        get_s, col_s, memory_batches = [], [], []
-        for i in range(n_batches):
-            t0 = time.perf_counter()
-            examples = [dataset[k] for k in plan.batch(i)]
-            t1 = time.perf_counter()
-            memory_batches.append(collate(examples))
-            t2 = time.perf_counter()
-            get_s.append(t1 - t0)
-            col_s.append(t2 - t1)
-        main_costs = {"getitem_s_per_batch": _r(_median(get_s), 5), "collate_s_per_batch": _r(_median(col_s), 5),
-                      "batches": n_batches,
-                      "mean_clips_per_example": _r(np.mean([b["video_mask"].sum(1).float().mean().item()
-                                                            for b in memory_batches]), 2),
-                      "mean_text_tokens": _r(np.mean([b["text_mask"].sum(1).float().mean().item()
-                                                      for b in memory_batches]), 2)}
-        log(f"main process: dataset[i] x{tc.batch_size} {main_costs['getitem_s_per_batch'] * 1e3:.1f} ms, "
+        # The in-memory batches: the plan's first warmup + steps batches, collated here with the
+        # tokenizer's thread pool off, so that forked workers get the tokenizer `videolm pretrain` gives them.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            memory_batches = [collate([dataset[k] for k in plan.batch(i)]) for i in range(n_batches)]
+        finally:
+            if saved is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        S.__dict__.update(args=args, cuda=cuda, cfg=cfg, mcfg=mcfg, stage=stage, objectives=objectives,
+                          dataset=dataset, collate=collate, sampler_args=sampler_args, plan=plan,
+                          memory_batches=memory_batches)
+
+        main_costs = in_child(child_main_costs)
+        main_costs.update(
+            mean_clips_per_example=_r(np.mean([b["video_mask"].sum(1).float().mean().item()
+                                               for b in memory_batches]), 2),
+            mean_text_tokens=_r(np.mean([b["text_mask"].sum(1).float().mean().item() for b in memory_batches]), 2))
+        log(f"one process: dataset[i] x{tc.batch_size} {main_costs['getitem_s_per_batch'] * 1e3:.1f} ms, "
             f"collate {main_costs['collate_s_per_batch'] * 1e3:.1f} ms per batch")
 
-        # the loader alone, no training: how fast can it feed?
+        loader_modes = [f"loader_w{w}" for w in workers]
+        if args.diagnose:
+            loader_modes += [f"loader_w{workers[0]}_serialtok", f"loader_w{workers[0]}_ipc"]
+            if 1 not in workers:
+                loader_modes.append("loader_w1")
         loader_alone = {}
-        for w in workers:
-            loader = make_loader(dataset, sampler_args, collate, w, args.device)
-            it = iter(loader)
-            next(it)  # worker start-up
-            t0 = time.perf_counter()
-            for _ in range(n_batches):
-                next(it)
-            dt = time.perf_counter() - t0
-            del it, loader
-            loader_alone[f"w{w}"] = {"examples_per_s": _r(tc.batch_size * n_batches / dt, 1),
-                                     "s_per_batch": _r(dt / n_batches, 5)}
-            log(f"loader alone, {w} workers: {loader_alone[f'w{w}']['examples_per_s']} examples/s")
+        for m in loader_modes:  # the loader alone, no training: how fast can it feed?
+            loader_alone[m] = in_child(child_loader_alone, m)
+            log(f"{m} alone: {loader_alone[m]['examples_per_s']} examples/s")
 
-        modes = ["memory"] + [f"loader_w{w}" for w in workers]
+        modes = ["memory"] + loader_modes
         runs: dict[str, list[dict]] = {m: [] for m in modes}
-        waited = []
+        waited, n_params, device_name = [], None, "cpu"
         for rnd in range(args.rounds):
-            order = modes if rnd % 2 == 0 else modes[::-1]
-            for mode in order:
-                trainer = Trainer(cfg, mcfg, stage, objectives, args.device)
+            for mode in (modes if rnd % 2 == 0 else modes[::-1]):
                 waited.append(wait_until_quiet(args.max_other_cpu, args.quiet_wait))
-                if mode == "memory":
-                    r = timed_run(trainer, _cycle(memory_batches), args.warmup, args.steps, args.device)
-                else:
-                    loader = make_loader(dataset, sampler_args, collate, int(mode.split("_w")[1]), args.device)
-                    it = iter(loader)
-                    r = timed_run(trainer, it, args.warmup, args.steps, args.device)
-                    del it, loader
+                r = in_child(child_timed, mode)
                 r["round"] = rnd
                 r["clean"] = r["other_cpu_cores"] is None or r["other_cpu_cores"] < args.max_other_cpu
                 runs[mode].append(r)
-                n_params = sum(q.numel() for q in trainer.model.parameters())
-                del trainer
+                n_params, device_name = r["parameters"], r["device_name"]
                 log(f"round {rnd + 1}/{args.rounds} {mode}: {r['examples_per_s']:.1f} examples/s "
                     f"(step {r['median_s']['step_s'] * 1e3:.0f} ms, data wait {r['median_s']['data_s'] * 1e3:.1f} ms"
                     + (f", other processes {r['other_cpu_cores']:.2f} cores" if r["other_cpu_cores"] is not None
@@ -563,53 +703,38 @@ def main(argv=None) -> int:
                                "other_cpu_cores": _r(r["other_cpu_cores"], 3),
                                "own_cpu_cores": _r(r["own_cpu_cores"], 3),
                                "clean": r["clean"]} for r in rs]}
+            entry["peak_rss_mib"] = _r(max(r["peak_rss_mib"] for r in rs), 1)
             if cuda:
                 entry["max_memory_allocated_gib"] = _r(max(r["max_memory_allocated_gib"] for r in rs), 3)
             throughput[mode] = entry
         mem_eps = throughput["memory"]["examples_per_s"]
-        by_workers = {}
-        for w in workers:
-            m = f"loader_w{w}"
+        by_mode = {}
+        for m in loader_modes:
             ov = 1.0 - throughput[m]["examples_per_s"] / mem_eps
             # paired per round too: each round's loader run against the same round's memory run
             paired = [1.0 - a["examples_per_s"] / b["examples_per_s"] for a, b in zip(runs[m], runs["memory"])]
             ov_step = 1.0 - throughput[m]["examples_per_s_from_median_step"] / \
                 throughput["memory"]["examples_per_s_from_median_step"]
-            by_workers[f"w{w}"] = {"overhead": _r(ov, 4), "overhead_from_median_step": _r(ov_step, 4),
-                                   "per_round": [_r(x, 4) for x in paired],
-                                   "per_round_clean": [a["clean"] and b["clean"]
-                                                       for a, b in zip(runs[m], runs["memory"])],
-                                   "pass": ov <= LOADER_TARGET}
-        head = by_workers[f"w{workers[0]}"]
-        best_w = min(by_workers, key=lambda k: by_workers[k]["overhead"])
+            by_mode[m] = {"overhead": _r(ov, 4), "overhead_from_median_step": _r(ov_step, 4),
+                          "per_round": [_r(x, 4) for x in paired],
+                          "per_round_clean": [a["clean"] and b["clean"] for a, b in zip(runs[m], runs["memory"])],
+                          "pass": ov <= LOADER_TARGET}
+        head = by_mode[loader_modes[0]]
+        best = min((m for m in loader_modes if m.count("_") == 1), key=lambda m: by_mode[m]["overhead"])
         ref = runs["memory"][0]["losses"]
-        loss_diff = max(max(abs(a - b) for a, b in zip(runs[m][0]["losses"], ref)) for m in modes[1:])
+        loss_diff = max(max(abs(a - b) for a, b in zip(runs[m][0]["losses"], ref)) for m in loader_modes)
 
         per_objective, opt_s = None, None
         if not args.skip_objectives:
-            per_objective = {}
-            trainer = Trainer(cfg, mcfg, stage, objectives, args.device)
             waited.append(wait_until_quiet(args.max_other_cpu, args.quiet_wait))
-            watch = CpuWatch().start()
-            for o in stage.objectives:
-                times = []
-                for i in range(args.warmup + args.objective_steps):
-                    r = trainer.step(memory_batches[i % len(memory_batches)], i, names=[o.name], optimize=False)
-                    if i >= args.warmup:
-                        times.append(r)
-                per_objective[o.name] = {k: _r(_median([t[k] for t in times]), 5) for k in ("fwd_s", "bwd_s")}
-                per_objective[o.name]["fwd_bwd_s"] = _r(_median([t["fwd_s"] + t["bwd_s"] for t in times]), 5)
-                log(f"objective {o.name}: {per_objective[o.name]['fwd_bwd_s'] * 1e3:.0f} ms forward+backward")
+            per_objective = in_child(child_objectives)
             opt_s = throughput["memory"]["median_step_s"]["opt_s"]
-            per_objective["other_cpu_cores_meanwhile"] = _r(watch.stop()["other_cpu_cores"], 3)
-            del trainer
 
         machine = {"platform": platform.platform(), "python": platform.python_version(),
-                   "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads(),
+                   "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": S.threads,
+                   "device": device_name,
                    "load_average_1_5_15_min_at_start": [round(x, 2) for x in load_start] if load_start else None,
-                   "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()] if load_start else None,
-                   "device": torch.cuda.get_device_name(torch.device(args.device)) if cuda else "cpu"}
+                   "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()] if load_start else None}
         result = {
             "benchmark": "bench_train",
             "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -622,25 +747,23 @@ def main(argv=None) -> int:
                        "parameters": n_params},
             "data": {k: v for k, v in data.items() if k not in ("features", "manifest")},
             "settings": {"overrides": list(args.overrides), "device": args.device, "precision": tc.precision,
-                         "batch_size": tc.batch_size,
-                         "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,
-                         "workers": workers, "pin_memory": cuda},
+                         "batch_size": tc.batch_size, "warmup_steps": args.warmup, "timed_steps": args.steps,
+                         "rounds": args.rounds, "workers": workers, "pin_memory": cuda,
+                         "max_other_cpu": args.max_other_cpu},
             "throughput": throughput,
-            "quiet_wait_s": _r(sum(waited), 1),
-            "loader_overhead": {"value": head["overhead"], "workers": workers[0], "target": f"<= {LOADER_TARGET}",
-                                "pass": head["pass"], "by_workers": by_workers, "best": best_w},
-            "losses_match": loss_diff == 0.0 or loss_diff < 1e-4,
+            "loader_overhead": {"value": head["overhead"], "mode": loader_modes[0], "target": f"<= {LOADER_TARGET}",
+                                "pass": head["pass"], "by_mode": by_mode, "best": best},
+            "losses_match": loss_diff < 1e-4,
             "max_loss_diff_loader_vs_memory": loss_diff,
             "per_objective": per_objective,
             "optimizer_step_s": opt_s,
             "loader_alone": loader_alone,
-            "main_process_costs": main_costs,
-            "seconds": None,
+            "one_process_costs": main_costs,
+            "quiet_wait_s": _r(sum(waited), 1),
+            "seconds": round(time.perf_counter() - t_all, 1),
         }
-        result["peak_rss_main_mib"] = _r(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        result["seconds"] = round(time.perf_counter() - t_all, 1)
         print(json.dumps(result, indent=2))
-        log(f"loader overhead (w{workers[0]}): {head['overhead']:.3f} "
+        log(f"loader overhead ({loader_modes[0]}): {head['overhead']:.3f} "
             f"({'pass' if head['pass'] else 'FAIL'}, target <= {LOADER_TARGET}); {result['seconds']} s")
         return 0
     finally:
