@@ -134,6 +134,21 @@ def test_run_writes_checkpoints_metrics_and_plots(data, tmp_path):
     assert summary["examples"] == 16
 
 
+def test_load_pretrained_restores_the_trained_model(data, tmp_path):
+    import torch
+
+    from videolm.checkpoint import load_pretrained
+
+    features, manifest = data
+    run = tmp_path / "run"
+    run_pretrain(tiny({"joint": {}}, extra=["max_steps=2"]), features, manifest, run, progress=False)
+    model, tokenizer, cfg = load_pretrained(run)
+    saved = torch.load(run / "checkpoints" / "step_0000002" / "model.pt", weights_only=True)
+    assert not model.training and cfg.model.feature_dim == 8 and tokenizer.vocab_size == model.word_embeddings.shape[0]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
 def test_resume_after_interrupt_gives_the_same_losses(data, tmp_path, monkeypatch):
     """Stop after the step-3 checkpoint (as Ctrl-C would), resume, and compare with an uninterrupted run."""
     import videolm.train as train
@@ -309,6 +324,7 @@ def _ddp_joint_grads(rank, world, init_file, out_file):
         runner(half, ["joint"], torch.Generator().manual_seed(0))["joint"]["joint_loss"].backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
+        dist.barrier()  # gloo can abort a rank that tears down while its peer is still mid-collective
     finally:
         dist.destroy_process_group()
 

@@ -86,6 +86,14 @@ def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``keys`` concatenated, and where this rank's rows start in the result."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return keys, 0
+    return gather_no_grad(keys), rank * len(keys)
+
+
 def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
     """Average logged numbers over ranks so rank 0's log describes the whole step."""
     _, world = rank_and_world()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .distributed import gather_with_grad
+from .distributed import gather_keys, gather_with_grad
 from .model import MASK_VISUAL_ID, masked_mean
 
 IGNORE = -100
@@ -312,15 +312,6 @@ class JointContrastive:
             loss = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~pos, float("-inf")), 1)).mean()
         candidates = len(v_all) if self.loss == "infonce" else len(c)
         return {"joint_loss": loss, "joint_temperature": (1.0 / scale).item(), "joint_candidates": candidates}
-
-
-def gather_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from .distributed import gather_no_grad, rank_and_world
-
-    rank, world = rank_and_world()
-    if world == 1:
-        return keys, 0
-    return gather_no_grad(keys), rank * len(keys)
 
 
 class VideoTextAlignment:

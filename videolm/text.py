@@ -70,8 +70,8 @@ def build_text_encoder(text_init: str, hidden: int, layers: int, heads: int, max
 
     directory = resolve_text_dir(text_init)
     if directory is None:
-        tok_dir = default_text_dir()
-        vocab = load_tokenizer(tok_dir).vocab_size
+        # the default tokenizer's vocabulary size, from its config (building the tokenizer costs ~1 s)
+        vocab = BertConfig.from_pretrained(str(default_text_dir()), local_files_only=True).vocab_size
         cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers or 2,
                          num_attention_heads=heads, intermediate_size=4 * hidden,
                          max_position_embeddings=max(max_len, 64), hidden_dropout_prob=dropout,
