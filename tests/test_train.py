@@ -212,13 +212,16 @@ def test_two_stages_and_grad_accumulation(data, tmp_path):
 def test_stages_keep_their_own_weights_and_options(data, tmp_path):
     features, manifest = data
     stages = [{"fraction": 0.5, "objectives": {"joint": {"weight": 1.0, "loss": "infonce"}}},
-              {"fraction": 0.5, "objectives": {"joint": {"weight": 0.0, "loss": "milnce"}}}]
+              {"fraction": 0.5, "objectives": {"joint": {"weight": 0.25, "loss": "milnce"}}}]
     cfg = tiny(None, stages=stages, extra=["joint.gather=false"])
     assert [s.name for s in cfg.stages] == ["stage1", "stage2"]
     run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
     rec = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert all(r["loss"] > 0 for r in rec[:2]) and all(r["loss"] == 0 for r in rec[2:])  # weight per stage
+    assert all(r["loss"] == pytest.approx(r["joint_loss"], rel=1e-5) for r in rec[:2])  # weight per stage
+    assert all(r["loss"] == pytest.approx(0.25 * r["joint_loss"], rel=1e-5) for r in rec[2:])
     assert rec[0]["joint_candidates"] == 4 and rec[2]["joint_candidates"] > 4  # infonce: videos; milnce: clips
+    with pytest.raises(ConfigError, match="every objective has weight 0"):
+        tiny(None, stages=[{"objectives": {"joint": {"weight": 0.0}}}])
     with pytest.raises(ConfigError, match="stage names must be unique"):
         recipe_from_dict({"stages": [{"name": "a", "fraction": 0.5, "objectives": {"joint": {}}},
                                      {"name": "a", "fraction": 0.5, "objectives": {"joint": {}}}]})
@@ -380,3 +383,11 @@ def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
     assert ddp.keys() == single.keys() and "logit_scale" in single
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_weight_zero_switches_an_objective_off(data, tmp_path):
+    features, manifest = data
+    cfg = tiny({"joint": {"weight": 1.0}, "mlm": {"weight": 1.0}}, extra=["mlm.weight=0", "max_steps=2"])
+    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all("joint_loss" in r and "mlm_loss" not in r for r in rec)

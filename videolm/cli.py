@@ -201,14 +201,96 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval-retrieval", help="score a pretrained model on text-to-video (and video-to-text) retrieval",
+        description="Encode the split's queries and videos with a checkpoint, rank, and report R@1/5/10, MedR and "
+                    "MnR with bootstrap 95% intervals in both directions. Writes a JSON report, per-query "
+                    "rankings (JSONL) and a recall@K plot.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or one checkpoint dir")
+    p.add_argument("--features", required=True, help="feature directory holding the split's videos")
+    p.add_argument("--manifest", required=True, help="manifest JSONL with the split's captions")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
+    p.add_argument("--query-mode", default="video", choices=["video", "caption"],
+                   help="video: one query per video (its 'query' caption, else all captions joined); "
+                        "caption: every caption is a query (default video)")
+    p.add_argument("--search", default="exact", choices=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"],
+                   help="exact (default), faiss-flat (exact, faiss kernels), faiss-ivf / faiss-hnsw (approximate)")
+    p.add_argument("--search-k", type=int, default=100, help="candidates a faiss index returns per query (default 100)")
+    p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf: cells visited per query (default 32)")
+    p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: candidates explored per query (default 128)")
+    p.add_argument("--rerank-top", type=int, default=0, metavar="K",
+                   help="re-rank each query's top K with the cross encoder's alignment score (default 0: off)")
+    p.add_argument("--dsl", action="store_true", help="dual softmax over queries (off by default; recorded in the report)")
+    p.add_argument("--untrained", action="store_true",
+                   help="evaluate the checkpoint's architecture at initialisation instead of its weights (a baseline)")
+    p.add_argument("--out", default="retrieval_report.json", help="report JSON (default retrieval_report.json)")
+    p.add_argument("--rankings", help="per-query top-10 JSONL (default: beside the report, <name>.rankings.jsonl)")
+    p.add_argument("--plot", help="recall@K PNG (default: beside the report, <name>.recall.png)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="texts or videos encoded at once (default 64)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from .eval_job import print_report, run_eval
+    from .retrieval import EvalConfig
+    from .search import SearchConfig
+
+    search = SearchConfig(mode=args.search, k=args.search_k, nprobe=args.nprobe, ef_search=args.ef_search,
+                          dsl=args.dsl)
+    cfg = EvalConfig(split=args.split, query_mode=args.query_mode, search=search, rerank_top=args.rerank_top,
+                     batch_size=args.batch_size, device=args.device, bootstrap=args.bootstrap, seed=args.seed)
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    rankings = Path(args.rankings) if args.rankings else Path(f"{stem}.rankings.jsonl")
+    plot = Path(args.plot) if args.plot else Path(f"{stem}.recall.png")
+    report = run_eval(Path(args.checkpoint), Path(args.features), Path(args.manifest), cfg, out, rankings, plot,
+                      progress=not args.quiet, untrained=args.untrained)
+    ex = report["excluded"]
+    print(f"eval-retrieval: {report['n_videos']} videos, {report['n_queries']['t2v']} queries "
+          f"(split {cfg.split}, {cfg.query_mode} queries, search {cfg.search.mode}"
+          + (f", rerank top {cfg.rerank_top}" if cfg.rerank_top else "") + (", dual softmax" if cfg.search.dsl else "")
+          + ")" + (f"; {ex['missing_features']} videos without features left out" if ex["missing_features"] else ""))
+    print_report(report)
+    print(f"eval-retrieval: report {out}, rankings {rankings}, plot {plot}")
+    return 0
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare-runs", help="compare two retrieval reports side by side with a paired test",
+                       description="Print both reports' metrics and a paired bootstrap test of R@1 over the queries "
+                                   "they share (matched by query key).")
+    p.add_argument("report_a")
+    p.add_argument("report_b")
+    p.add_argument("--bootstrap", type=int, default=10000, help="resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from .eval_job import compare_runs
+
+    table, _ = compare_runs(Path(args.report_a), Path(args.report_b), n_boot=args.bootstrap, seed=args.seed)
+    print(table)
+    return 0
+
+
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default (synthetic videos)",
-                       description="Synthesize a small set of videos, extract 'pixels' features, quantise them into "
-                                   "visual words, pretrain the demo recipe and print a summary.")
+                       description="Synthesize train and test digit videos, extract 'pixels' features, quantise "
+                                   "them into visual words, pretrain the demo recipe on the train split and score "
+                                   "text-to-video retrieval on the test split against an untrained model and a "
+                                   "TF-IDF baseline.")
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
-    p.add_argument("--videos", type=int, default=64, help="number of synthetic videos (default 64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--train-videos", type=int, default=800, help="synthetic training videos (default 800)")
+    p.add_argument("--test-videos", type=int, default=200, help="synthetic test videos (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="train seed; the test split uses seed + 1 (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="decoder processes for extraction (default 2)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for the demo pretraining recipe (pipelines/demo.yaml), e.g. max_steps=50")
     p.set_defaults(func=_cmd_demo)
@@ -217,15 +299,15 @@ def _add_demo(sub):
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), videos=args.videos, seed=args.seed, workers=args.workers,
-                    train_overrides=tuple(args.overrides))
+    return run_demo(Path(args.out), train_videos=args.train_videos, test_videos=args.test_videos, seed=args.seed,
+                    workers=args.workers, train_overrides=tuple(args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videolm",
         description="videolm: from raw videos to a text-to-video retrieval score. "
-                    "Stages: synth -> extract -> quantize -> (pretrain -> eval-retrieval).",
+                    "Stages: synth -> extract -> quantize -> pretrain -> eval-retrieval.",
     )
     parser.add_argument("--version", action="version", version=f"videolm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -234,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_quantize(sub)
     _add_pretrain(sub)
+    _add_eval(sub)
+    _add_compare(sub)
     _add_demo(sub)
     return parser
 
@@ -256,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     from .quantize_job import QuantizeError
     from .config import TrainError
     from .data import DataError
+    from .retrieval import EvalError
 
     try:
         return args.func(args)
     except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError,
-            DataError, TrainError) as exc:
+            DataError, TrainError, EvalError) as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

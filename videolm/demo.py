@@ -1,8 +1,14 @@
 """``videolm demo``: the main job on the embedded default, end to end.
 
-Synthesize digit videos, extract ``pixels`` features into shards, quantise them
-into visual words (k=8, 2 levels), pretrain the ``pipelines/demo.yaml`` recipe
-for a few minutes on CPU, and print what was written.
+1. synthesize a train split (seed s) and a test split (seed s + 1, held-out
+   handwriting) of digit videos, one manifest;
+2. extract ``pixels`` features into shards;
+3. quantise them into visual words (k=8, 2 levels);
+4. pretrain the ``pipelines/demo.yaml`` recipe on the train split;
+5. evaluate text-to-video retrieval on the test split for the pretrained model,
+   the same architecture untrained, and a TF-IDF -> ridge baseline, and print
+   the table with paired bootstrap tests.
+
 Re-running reuses what is already there (synthesis is deterministic, extraction
 and pretraining resume), so an interrupted demo picks up where it stopped.
 """
@@ -19,44 +25,55 @@ import numpy as np
 from .config import ConfigError, ExtractConfig, save_yaml
 from .extract.job import run_extract
 from .extract.shards import FeatureStore
-from .manifest import load_manifest
+from .manifest import load_manifest, write_manifest
 from .quantize import QuantizeConfig
 from .quantize_job import run_quantize, summary_lines
 from .synthetic import synthesize
 from .train_logging import read_metrics
 
-
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+STEPS = 5
 
 
-def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2, train_overrides: tuple[str, ...] = ()) -> int:
+def _synth_split(data: Path, split: str, videos: int, seed: int) -> Path:
+    folder = data / split
+    manifest, marker = folder / "manifest.jsonl", folder / "synth.json"
+    wanted = {"videos": videos, "seed": seed, "split": split}
+    if manifest.exists() and marker.exists() and json.loads(marker.read_text()) == wanted:
+        print(f"      reusing {videos} {split} videos (seed {seed}) in {folder}", flush=True)
+    else:
+        synthesize(folder, videos, seed, split=split, progress=sys.stderr.isatty())
+        marker.write_text(json.dumps(wanted))
+        print(f"      {videos} {split} videos (seed {seed}) in {folder}", flush=True)
+    return manifest
+
+
+def run_demo(out: Path, train_videos: int = 800, test_videos: int = 200, seed: int = 0, workers: int = 2,
+             train_overrides: tuple[str, ...] = ()) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    times = {}
     data = out / "data"
-    manifest = data / "manifest.jsonl"
-    marker = data / "synth.json"
-    wanted = {"videos": videos, "seed": seed}
-    if not (manifest.exists() and marker.exists() and json.loads(marker.read_text()) == wanted):
-        print(f"[1/4] synthesizing {videos} videos (seed {seed}) into {data}", flush=True)
-        synthesize(data, videos, seed, split="train", progress=sys.stderr.isatty())
-        marker.write_text(json.dumps(wanted))
-    else:
-        print(f"[1/4] reusing {videos} synthetic videos in {data}", flush=True)
-    t_synth = time.monotonic() - t0
+    print(f"[1/{STEPS}] synthesizing digit videos into {data}", flush=True)
+    parts = [_synth_split(data, "train", train_videos, seed), _synth_split(data, "test", test_videos, seed + 1)]
+    manifest = write_manifest([e for p in parts for e in load_manifest(p)], data / "manifest.jsonl")
+    times["synth"] = time.monotonic() - t0
 
     features = out / "features"
-    cfg = ExtractConfig(encoder="pixels", backend="av", shard_size=32, workers=workers)
+    cfg = ExtractConfig(encoder="pixels", backend="av", shard_size=200, workers=workers)
     save_yaml(cfg, out / "extract_config.yaml")
-    print(f"[2/4] extracting 'pixels' features into {features}", flush=True)
+    print(f"[2/{STEPS}] extracting 'pixels' features into {features}", flush=True)
     summary = run_extract(manifest, features, cfg)
     print(summary.line())
+    times["extract"] = summary.seconds
 
-    print("[3/4] quantising features into visual words (k=8, 2 levels)", flush=True)
+    print(f"[3/{STEPS}] quantising features into visual words (k=8, 2 levels)", flush=True)
     report = out / "quantize_report"
     qsum = run_quantize(features, QuantizeConfig(k=8, levels=2, sample=100_000), report_dir=report, overwrite=True,
                         progress=sys.stderr.isatty())
     for line in summary_lines(qsum):
         print(line)
+    times["quantize"] = qsum["seconds"]
 
     if not DEMO_RECIPE.exists():
         raise ConfigError(f"demo recipe not found at {DEMO_RECIPE}; run the demo from a source checkout "
@@ -68,10 +85,17 @@ def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2, train
     run_dir = out / "pretrain"
     recipe = load_recipe(DEMO_RECIPE, list(train_overrides))
     resume = run_dir.exists() and latest_checkpoint(run_dir) is not None
-    print(f"[4/4] pretraining the demo recipe ({recipe.train.max_steps} steps, "
-          f"{', '.join(recipe.objective_names)}) into {run_dir}", flush=True)
+    print(f"[4/{STEPS}] pretraining the demo recipe ({recipe.train.max_steps} steps, "
+          f"{', '.join(recipe.objective_names)}) on the train split into {run_dir}", flush=True)
     tsum = run_pretrain(recipe, features, manifest, run_dir, resume=resume, progress=True)
+    times["pretrain"] = tsum["seconds"]
     records = read_metrics(run_dir / "metrics.jsonl")
+
+    eval_dir = out / "eval"
+    print(f"[5/{STEPS}] evaluating text-to-video retrieval on the test split into {eval_dir}", flush=True)
+    t_eval = time.monotonic()
+    reports = evaluate_demo(run_dir, features, manifest, eval_dir)
+    times["eval"] = time.monotonic() - t_eval
 
     entries = load_manifest(manifest)
     store = FeatureStore(features)
@@ -79,8 +103,8 @@ def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2, train
     captions = sum(len(e.captions) for e in entries)
     print()
     print("demo summary")
-    print(f"  videos            {len(entries)} synthesized, {len(store)} with features, "
-          f"{summary.failures_total} failed")
+    print(f"  videos            {len(entries)} synthesized ({train_videos} train, {test_videos} test), "
+          f"{len(store)} with features, {summary.failures_total} failed")
     print(f"  captions          {captions} ({captions / len(entries):.1f} per video)")
     print(f"  clips per video   mean {np.mean(lengths):.1f}, min {min(lengths)}, max {max(lengths)}")
     print(f"  feature dim       {store.dim} (encoder 'pixels', float16 in {len(store.shards)} shard(s))")
@@ -91,8 +115,11 @@ def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2, train
           f"{first['loss']:.3f} -> {last['loss']:.3f} ("
           + ", ".join(f"{k[:-5]} {first[k]:.2f} -> {last[k]:.2f}" for k in sorted(last) if k.endswith("_loss") and k in first)
           + ")")
-    print(f"  time              synth {t_synth:.1f} s, extract {summary.seconds:.1f} s, "
-          f"quantize {qsum['seconds']:.1f} s, pretrain {tsum['seconds']:.1f} s, total {time.monotonic() - t0:.1f} s")
+    print("  time              " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+          + f", total {time.monotonic() - t0:.1f} s")
+    print()
+    print(retrieval_table(reports))
+    print()
     print(f"  written           manifest {manifest}")
     print(f"                    features {features}/shard_*.h5, failures {summary.failures_file}")
     print(f"                    codebook {qsum['codebook']}, tokens {features}/shard_*.tokens.h5")
@@ -100,5 +127,66 @@ def run_demo(out: Path, videos: int = 64, seed: int = 0, workers: int = 2, train
     print(f"                    checkpoint {tsum['checkpoint']}")
     print(f"                    training log {run_dir}/metrics.jsonl (+ metrics.csv, tensorboard/), "
           f"loss curves {tsum.get('loss_plot')}")
+    print(f"                    retrieval reports {eval_dir}/{{pretrained,untrained,tfidf_ridge}}.json, "
+          f"rankings {eval_dir}/*.rankings.jsonl")
+    print(f"                    recall@K plot {eval_dir}/recall.png, table {eval_dir}/table.txt")
     store.close()
     return 0 if summary.failures_total == 0 else 1
+
+
+def evaluate_demo(run_dir: Path, features: Path, manifest: Path, eval_dir: Path) -> dict:
+    """Reports for the pretrained model, its untrained twin and the TF-IDF baseline on the test split."""
+    from .baselines import TfidfRidge, pooled_features, training_pairs
+    from .eval_job import make_report, plot_recall, rankings_rows, run_eval, split_entries, write_outputs
+    from .retrieval import EvalConfig, build_queries, evaluate_embeddings
+
+    cfg = EvalConfig(split="test")
+    reports = {}
+    for name, untrained in (("pretrained", False), ("untrained", True)):
+        reports[name] = run_eval(run_dir, features, manifest, cfg, eval_dir / f"{name}.json",
+                                 eval_dir / f"{name}.rankings.jsonl", None, progress=False, untrained=untrained)
+    store = FeatureStore(features)
+    try:
+        texts, ids = training_pairs(load_manifest(manifest, "train"), store)
+        baseline = TfidfRidge().fit(texts, pooled_features(store, ids))
+        qs = build_queries(split_entries(manifest, "test"), store, cfg.query_mode)
+        part, results = evaluate_embeddings(qs, baseline.embed_texts(qs.texts),
+                                            baseline.embed_videos(pooled_features(store, qs.video_ids)), cfg)
+    finally:
+        store.close()
+    rep = make_report(part, qs, cfg, results, model={"kind": TfidfRidge.name, "alpha": baseline.alpha,
+                                                     "validation_R@1": baseline.validation,
+                                                     "train_pairs": len(texts)},
+                      features=str(features), manifest=str(manifest))
+    write_outputs(rep, rankings_rows(qs, results), eval_dir / "tfidf_ridge.json",
+                  eval_dir / "tfidf_ridge.rankings.jsonl", None)
+    reports["TF-IDF ridge"] = rep
+    plot_recall(reports, eval_dir / "recall.png")
+    (eval_dir / "table.txt").write_text(retrieval_table(reports) + "\n")
+    return reports
+
+
+def retrieval_table(reports: dict) -> str:
+    """Text-to-video table on the test split, with each baseline's paired bootstrap test against the first row."""
+    from .eval_job import format_p, paired_ranks
+    from .metrics import paired_bootstrap
+
+    names = list(reports)
+    first = reports[names[0]]
+    lines = [f"text-to-video retrieval, test split: {first['n_videos']} videos, {first['n_queries']['t2v']} queries "
+             f"(chance R@1 {100 / first['n_videos']:.1f}%)",
+             f"  {'model':14}{'R@1':>7}{'95% CI':>15}{'R@5':>7}{'R@10':>7}{'MedR':>7}{'MnR':>8}   "
+             f"{names[0]} vs this row (paired bootstrap, R@1)"]
+    for name in names:
+        m, ci = reports[name]["t2v"]["metrics"], reports[name]["t2v"]["ci95"]["R@1"]
+        line = (f"  {name:14}{m['R@1']:7.1f}{f'[{ci[0]:.1f}, {ci[1]:.1f}]':>15}{m['R@5']:7.1f}{m['R@10']:7.1f}"
+                f"{m['MedR']:7g}{m['MnR']:8.1f}")
+        if name != names[0]:
+            a, b, _ = paired_ranks(reports[name], first, "t2v")
+            t = paired_bootstrap(b, a, n_boot=2000)
+            line += f"   {t['delta']:+.1f} points, {format_p(t)}"
+        lines.append(line)
+    v = reports[names[0]]["v2t"]["metrics"]
+    lines.append(f"  ({names[0]} video-to-text: R@1 {v['R@1']:.1f}, R@5 {v['R@5']:.1f}, R@10 {v['R@10']:.1f}, "
+                 f"MedR {v['MedR']:g})")
+    return "\n".join(lines)

@@ -95,6 +95,9 @@ class StageSpec:
             raise ConfigError(f"stage {self.name}: no objectives")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"stage {self.name}: fraction must be in (0, 1]")
+        knob = "weight" if self.mixing == "sum" else "ratio"
+        if not any(getattr(o, knob) > 0 for o in self.objectives):
+            raise ConfigError(f"stage {self.name}: every objective has {knob} 0; nothing to train")
 
 
 @dataclass(frozen=True)

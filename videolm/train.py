@@ -121,8 +121,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def choose_objectives(stage, seed: int, step: int) -> list[str]:
-    if stage.mixing == "sum":
-        return [o.name for o in stage.objectives]
+    if stage.mixing == "sum":  # weight 0 switches an objective off without editing the recipe
+        return [o.name for o in stage.objectives if o.weight > 0]
     ratios = np.array([o.ratio for o in stage.objectives], dtype=float)
     pick = np.random.default_rng((seed, step, 7)).choice(len(ratios), p=ratios / ratios.sum())
     return [stage.objectives[pick].name]
