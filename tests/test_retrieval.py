@@ -183,3 +183,16 @@ def test_tiny_end_to_end_beats_the_untrained_model(tmp_path, capsys):
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["t2v"]["metrics"]
     assert reports["trained"]["MnR"] < 0.7 * reports["untrained"]["MnR"], reports
     assert reports["trained"]["R@5"] > reports["untrained"]["R@5"], reports
+
+
+def test_visual_word_model_needs_a_matching_codebook(tmp_path):
+    from videolm.eval_job import run_eval
+
+    features, manifest = write_data(tmp_path / "q", quantize=True)
+    cfg = tiny({"joint": {"weight": 1.0}}, extra=["model.video_input=tokens", "max_steps=2"])
+    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
+    rep = run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20), progress=False)
+    assert rep["n_videos"] == 16
+    plain, _ = write_data(tmp_path / "plain", quantize=False)
+    with pytest.raises(EvalError, match="has no codebook"):
+        run_eval(tmp_path / "run", plain, manifest, EvalConfig(split="train", bootstrap=20), progress=False)

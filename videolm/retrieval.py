@@ -140,8 +140,8 @@ def _video_batch(store: FeatureStore, video_ids: list[str], max_frames: int, tok
         mask[i, : len(p)] = True
         if tokens:
             if f.tokens is None:
-                raise EvalError(f"the model reads visual words but {f.video_id if hasattr(f, 'video_id') else 'a video'}"
-                                f" has none: run `videolm quantize --features {store.directory}`")
+                raise EvalError(f"the model reads visual words but {f.video_id} has none: "
+                                f"run `videolm quantize --features {store.directory}`")
             toks[i, : len(p)] = torch.from_numpy(np.asarray(f.tokens[p], dtype=np.int64)) + TOKEN_OFFSET
     return video, mask, toks
 
@@ -158,6 +158,14 @@ class PairEncoder:
         if not self.tokens and cfg.feature_dim != store.dim:
             raise EvalError(f"the checkpoint expects {cfg.feature_dim}-d clip features but {store.directory} "
                             f"holds {store.dim}-d ones (extracted with another encoder?)")
+        if self.tokens:
+            book = store.codebook_attrs
+            if book is None:
+                raise EvalError(f"the model reads visual words but {store.directory} has no codebook: run "
+                                f"`videolm quantize --features {store.directory}` with the training k/levels")
+            if int(book["model_vocab_size"]) != cfg.visual_vocab:
+                raise EvalError(f"the model has a visual vocabulary of {cfg.visual_vocab} ids but the codebook of "
+                                f"{store.directory} gives {book['model_vocab_size']}; quantise with the training k/levels")
 
     def text_states(self, texts: list[str]):
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_text_len,
