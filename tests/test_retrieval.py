@@ -185,14 +185,16 @@ def test_tiny_end_to_end_beats_the_untrained_model(tmp_path, capsys):
     assert reports["trained"]["R@5"] > reports["untrained"]["R@5"], reports
 
 
-def test_visual_word_model_needs_a_matching_codebook(tmp_path):
+def test_visual_word_model_needs_a_matching_codebook(tmp_path, caplog):
     from videolm.eval_job import run_eval
 
     features, manifest = write_data(tmp_path / "q", quantize=True)
     cfg = tiny({"joint": {"weight": 1.0}}, extra=["model.video_input=tokens", "max_steps=2"])
     run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
-    rep = run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20), progress=False)
-    assert rep["n_videos"] == 16
+    rep = run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20, rerank_top=2),
+                   progress=False)
+    assert rep["n_videos"] == 16 and rep["model"]["objectives"] == ["joint"]
+    assert "never trained 'align'" in caplog.text  # re-ranking with an untrained head is allowed, with a warning
     plain, _ = write_data(tmp_path / "plain", quantize=False)
     with pytest.raises(EvalError, match="has no codebook"):
         run_eval(tmp_path / "run", plain, manifest, EvalConfig(split="train", bootstrap=20), progress=False)

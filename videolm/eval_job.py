@@ -12,6 +12,7 @@ Outputs (formats in docs/formats.md):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ from .metrics import paired_bootstrap, recall_curve
 from .retrieval import (DIRECTIONS, EvalConfig, EvalError, PairEncoder, QuerySet, build_queries,
                         evaluate_embeddings, rankings_rows)
 
+log = logging.getLogger("videolm.eval")
 TIE_POLICY = ("rank = 1 + candidates scoring strictly higher than the best correct one; "
               "ties count in the correct one's favour (pessimistic rank = rank + ties); NaN scores as -inf")
 
@@ -148,7 +150,11 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
     model, tokenizer, run_cfg = load_pretrained(checkpoint, cfg.device)
     ckpt = latest_checkpoint(checkpoint)
     meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
-    about = {"model": {"kind": "checkpoint", "checkpoint": str(ckpt), "step": meta.get("step")}}
+    about = {"model": {"kind": "checkpoint", "checkpoint": str(ckpt), "step": meta.get("step"),
+                       "objectives": run_cfg.objective_names}}
+    if cfg.rerank_top and "align" not in run_cfg.objective_names:
+        log.warning("re-ranking with the cross encoder's alignment head, but this run never trained 'align' "
+                    "(objectives: %s): expect re-ranking to make results worse", ", ".join(run_cfg.objective_names))
     if untrained:
         # Same architecture and code path, weights as a new run starts (text encoder from text_init).
         torch.manual_seed(cfg.seed)
