@@ -45,15 +45,18 @@ def test_queries_per_video_and_per_caption():
         entry("c", (0, 9, "only subtitles", "subtitle")),
         entry("d", (0, 1, "   ", None)),
         entry("gone", (0, 1, "no features", None)),
+        entry("e", (0, 10, "one description", None), (0, 10, "another description", None)),
     ]
-    qs = build_queries(entries, FakeStore(["a", "b", "c", "d"]), "video")
-    assert qs.video_ids == ["a", "b", "c", "d"] and qs.missing == ["gone"]
-    assert qs.texts == ["first red then blue", "the official sentence"]  # time order; marked query wins
-    assert qs.targets.tolist() == [0, 1] and qs.no_query == 1 and qs.empty == ["d"]
-    qs = build_queries(entries, FakeStore(["a", "b", "c", "d"]), "caption")
-    assert qs.keys == ["a#0", "a#1", "b#0", "b#1"] and qs.targets.tolist() == [0, 0, 1, 1]
+    store = FakeStore(["a", "b", "c", "d", "e"])
+    qs = build_queries(entries, store, "video")
+    assert qs.video_ids == ["a", "b", "c", "d", "e"] and qs.missing == ["gone"]
+    # time order; a marked query wins; alternative whole-video descriptions: the first
+    assert qs.texts == ["first red then blue", "the official sentence", "one description"]
+    assert qs.targets.tolist() == [0, 1, 4] and qs.no_query == 1 and qs.empty == ["d"]
+    qs = build_queries(entries, store, "caption")
+    assert qs.keys == ["a#0", "a#1", "b#0", "b#1", "e#0", "e#1"] and qs.targets.tolist() == [0, 0, 1, 1, 4, 4]
     queried, gt = qs.v2t()
-    assert queried.tolist() == [0, 1] and [gt.of(i).tolist() for i in range(2)] == [[0, 1], [2, 3]]
+    assert queried.tolist() == [0, 1, 4] and [gt.of(i).tolist() for i in range(3)] == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_no_usable_queries_or_videos_is_a_clear_error():

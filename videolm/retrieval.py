@@ -14,7 +14,8 @@ Queries (``query_mode``):
 
 * ``video`` (default): one per video, the caption of kind ``query`` when the
   manifest marks one (e.g. MSR-VTT 1k-A's sentence), else its captions
-  (kind ``caption`` or unset) joined in time order, as in training;
+  (kind ``caption`` or unset) joined in time order, as in training; captions
+  that all share one time span are alternatives, and the first one is used;
 * ``caption``: every caption is its own query (MSR-VTT "full" protocol).
 
 Subtitles and ASR lines are not descriptions and never become queries.
@@ -98,7 +99,12 @@ def build_queries(entries: list[VideoEntry], store: FeatureStore, mode: str) -> 
         marked = [c for c in caps if c.kind == "query"]
         described = [c for c in caps if c.kind in DESCRIPTION_KINDS]
         if mode == "video":
-            pool = [(e.video_id, " ".join(c.text.strip() for c in (marked[:1] or described)))] if (marked or described) else []
+            if len({(c.start, c.end) for c in described}) == 1:
+                # Captions sharing one time span (MSR-VTT's 20 sentences) are alternative
+                # descriptions, not a sequence: the first one (manifest order) is the query.
+                described = described[:1]
+            chosen = marked[:1] or described
+            pool = [(e.video_id, " ".join(c.text.strip() for c in chosen))] if chosen else []
         else:
             pool = [(f"{e.video_id}#{n}", c.text) for n, c in enumerate(marked + described)]
         if not pool:
