@@ -93,8 +93,15 @@ def test_nodes_split_the_shards_without_overlap(synth_dir, tmp_path):
     run_extract(manifest, tmp_path / "one", cfg, progress=False)
     s0 = run_extract(manifest, tmp_path / "multi", cfg, num_nodes=2, node_rank=0, progress=False)
     assert s0.node_shards == 3 and len(list_shards(tmp_path / "multi")) == 3
+    # quantising before every node has finished would fit the codebook on half the data
+    from videolm.quantize import QuantizeConfig
+    from videolm.quantize_job import QuantizeError, run_quantize
+
+    with pytest.raises(QuantizeError, match="3 of 5 shards are finished"):
+        run_quantize(tmp_path / "multi", QuantizeConfig(k=2, levels=1), progress=False)
     run_extract(manifest, tmp_path / "multi", cfg, num_nodes=2, node_rank=1, progress=False)
     assert_same_shards(shard_contents(tmp_path / "one"), shard_contents(tmp_path / "multi"))
+    run_quantize(tmp_path / "multi", QuantizeConfig(k=2, levels=1), progress=False)
 
 
 def test_rerun_skips_and_mismatch_is_refused(synth_dir, tmp_path):

@@ -111,6 +111,21 @@ def load_codebook(path: str | Path) -> tuple[Codebook, dict]:
     return Codebook(int(attrs["k"]), levels, str(attrs["normalize"])), attrs
 
 
+def _check_extraction_finished(directory: Path, paths: list[Path]) -> None:
+    """A codebook fitted before every extraction node finished would be fitted on a subset of the data."""
+    config = directory / "extract_config.json"
+    if not config.is_file():  # shards written by other means: nothing to compare with
+        return
+    key = json.loads(config.read_text()).get("key", {})
+    if not key.get("num_videos") or not key.get("shard_size"):
+        return
+    expected = -(-int(key["num_videos"]) // int(key["shard_size"]))
+    if len(paths) < expected:
+        raise QuantizeError(f"{directory}: {len(paths)} of {expected} shards are finished; extraction is still "
+                            "running or was interrupted. Quantise after every extraction node has finished "
+                            "(re-run `videolm extract` to complete it)")
+
+
 def run_quantize(features: str | Path, cfg: QuantizeConfig, report_dir: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True) -> dict:
     t0 = time.monotonic()
@@ -118,6 +133,7 @@ def run_quantize(features: str | Path, cfg: QuantizeConfig, report_dir: str | Pa
     paths = list_shards(directory)
     if not paths:
         raise QuantizeError(f"{directory}: no feature shards (shard_*.h5); run `videolm extract` first")
+    _check_extraction_finished(directory, paths)
     readers = [ShardReader(p) for p in paths]
     try:
         check_same_config(readers, directory)

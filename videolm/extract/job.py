@@ -33,6 +33,7 @@ from ..config import ExtractConfig, SamplingSpec, to_dict
 from ..manifest import VideoEntry, load_manifest
 from .shards import (
     ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials, shard_name,
+    writer_tag,
 )
 from .workers import DecoderPool, decode_video
 
@@ -145,7 +146,7 @@ def _check_directory(out: Path, key: dict) -> None:
                 "use a new --out directory, or delete the old shards"
             )
         return
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{writer_tag()}")
     tmp.write_text(json.dumps({"key": key, "videolm_version": __version__}, indent=2))
     os.replace(tmp, path)
 
@@ -254,7 +255,7 @@ def _write_failures(out: Path, entries: list[VideoEntry]) -> tuple[str, int]:
         except ShardError as exc:
             log.warning("%s", exc)
     target = out / "failures.jsonl"
-    tmp = target.with_name(f"failures.jsonl.tmp-{os.getpid()}")
+    tmp = target.with_name(f"failures.jsonl.tmp-{writer_tag()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -59,7 +59,7 @@ class ShardWriter:
         self.dim = dim
         # Host and pid in the temporary name: two machines writing to a shared disk
         # never collide, and a crashed run's leftovers are recognisable.
-        self.tmp = self.path.with_name(f"{self.path.name}.partial-{socket.gethostname()}-{os.getpid()}")
+        self.tmp = self.path.with_name(f"{self.path.name}.partial-{writer_tag()}")
         self._file = h5py.File(self.tmp, "w")
         for key, value in attrs.items():
             self._file.attrs[key] = value
@@ -125,6 +125,11 @@ class ShardWriter:
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def writer_tag() -> str:
+    """Host and process of this writer, for temporary names on a shared disk (in Kubernetes every pod is PID 1)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def remove_partials(directory: str | os.PathLike, index: int) -> int:
@@ -365,7 +370,7 @@ def partial_name(final: Path, tag: str) -> Path:
 
 def write_token_file(path: Path, tokens: np.ndarray, paths: np.ndarray, attrs: dict) -> Path:
     """Write a complete token file under ``path`` (callers choose temporary or final names)."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{writer_tag()}")
     f = h5py.File(tmp, "w")
     for key, value in attrs.items():
         f.attrs[key] = value
@@ -397,7 +402,7 @@ def read_token_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def write_codebook(path: Path, levels: list[dict[str, np.ndarray]], attrs: dict) -> Path:
     """One HDF5 file: level_<l>/{centroids, parent, child_index, first_child, num_children} + JSON attrs."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{writer_tag()}")
     f = h5py.File(tmp, "w")
     for key, value in attrs.items():
         f.attrs[key] = value
