@@ -30,7 +30,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_quantize.py > bench_quantize.json
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_train.py > bench_train.json
 	$(PY) benchmarks/bench_retrieval.py > bench_retrieval.json
-	@echo "wrote bench_extract.json, bench_quantize.json, bench_train.json and bench_retrieval.json"
+	$(PY) benchmarks/bench_import.py > bench_import.json
+	@echo "wrote bench_extract.json, bench_quantize.json, bench_train.json, bench_retrieval.json and bench_import.json"
 
 clean:
 	rm -rf $(VENV) demo_out bench_out *.egg-info bench_*.json

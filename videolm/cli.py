@@ -303,6 +303,72 @@ def _cmd_demo(args) -> int:
                     workers=args.workers, train_overrides=tuple(args.overrides))
 
 
+def _import_common(p):
+    g = p.add_argument_group("common to every format")
+    g.add_argument("--videos", required=True, metavar="DIR",
+                   help="folder holding the video files, searched recursively for <id>.mp4/.webm/.mkv/.avi")
+    g.add_argument("--out", required=True, metavar="PATH", help="manifest .jsonl to write")
+    g.add_argument("--keep-missing", action="store_true",
+                   help="keep videos whose file is not found (path = the expected DIR/<id>.mp4)")
+    g.add_argument("--split", default="train", choices=["train", "val", "test"],
+                   help="split for videos the format gives none (default train)")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _add_import(sub):
+    p = sub.add_parser(
+        "import", help="turn a public dataset's annotations into a manifest (msrvtt, youcook2, howto100m, ...)",
+        description="Read a dataset's own annotation files, find each video under --videos and write a manifest "
+                    "(data_manifests/README.md). Prints what was written and what was dropped, and why.",
+    )
+    fmts = p.add_subparsers(dest="format", metavar="<format>", required=True)
+    f = fmts.add_parser("msrvtt", help="MSR-VTT: MSRVTT_data.json (+ the 1k-A split CSVs)")
+    f.add_argument("--annotations", required=True, help="MSRVTT_data.json")
+    f.add_argument("--train-csv", help="MSRVTT_train.9k.csv: its videos become train")
+    f.add_argument("--test-csv", help="MSRVTT_JSFUSION_test.csv: its videos become test, its sentence the query")
+    f.set_defaults(import_options=("annotations", "train_csv", "test_csv"))
+    f = fmts.add_parser("youcook2", help="YouCook2: youcookii_annotations_trainval.json (timed segments)")
+    f.add_argument("--annotations", required=True, help="youcookii_annotations_trainval.json")
+    f.set_defaults(import_options=("annotations",))
+    f = fmts.add_parser("howto100m", help="HowTo100M: caption.json (ASR lines), streamed")
+    f.add_argument("--captions", required=True, help="caption.json, or UniVL's caption.pickle with --trust-pickle")
+    f.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle file (loading a pickle can run code: only for files you trust)")
+    f.set_defaults(import_options=("captions", "trust_pickle"))
+    f = fmts.add_parser("webvid", help="WebVid: results_*.csv (one caption per clip), streamed")
+    f.add_argument("--csv", required=True, help="results_2M_train.csv or similar (videoid, name, page_dir, duration)")
+    f.set_defaults(import_options=("csv",))
+    f = fmts.add_parser("tvsub", help="TVQA/TVR subtitles: tvqa_subtitles.jsonl, streamed")
+    f.add_argument("--subtitles", required=True, help="JSONL of {\"vid_name\", \"sub\": [{\"text\", \"start\", \"end\"}]}")
+    f.set_defaults(import_options=("subtitles",))
+    f = fmts.add_parser("csv", help="any CSV with one caption per row (you name the columns)")
+    f.add_argument("--csv", required=True, help="the CSV file (with a header row)")
+    f.add_argument("--id-col", required=True, help="column with the video id")
+    f.add_argument("--text-col", required=True, help="column with the caption text")
+    f.add_argument("--path-col", help="column with the file path, relative to --videos or absolute")
+    f.add_argument("--start-col", help="column with the caption start in seconds (needs --end-col)")
+    f.add_argument("--end-col", help="column with the caption end in seconds (needs --start-col)")
+    f.add_argument("--split-col", help="column with the split (train/val/test; empty cells get --split)")
+    f.add_argument("--kind", default="caption", choices=["caption", "subtitle", "asr", "query"],
+                   help="kind of every caption (default caption)")
+    f.set_defaults(import_options=("csv", "id_col", "text_col", "path_col", "start_col", "end_col", "split_col",
+                                   "kind"))
+    for f in fmts.choices.values():
+        _import_common(f)
+        f.set_defaults(func=_cmd_import)
+
+
+def _cmd_import(args) -> int:
+    from .importers import run_import
+
+    options = {k: getattr(args, k) for k in args.import_options}
+    summary = run_import(args.format, Path(args.out), Path(args.videos), keep_missing=args.keep_missing,
+                         default_split=args.split, progress=not args.quiet and sys.stderr.isatty(), **options)
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videolm",
@@ -313,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     _add_synth(sub)
+    _add_import(sub)
     _add_extract(sub)
     _add_quantize(sub)
     _add_pretrain(sub)
@@ -341,16 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     from .config import TrainError
     from .data import DataError
     from .retrieval import EvalError
+    from .importers import ImporterError
 
     try:
         return args.func(args)
     except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError,
-            DataError, TrainError, EvalError) as exc:
+            DataError, TrainError, EvalError, ImporterError) as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"videolm {args.command}: interrupted; completed work is kept, re-run the same command "
-              f"({'with --resume ' if args.command == 'pretrain' else ''}to continue)", file=sys.stderr)
+        if args.command in ("import", "eval-retrieval", "compare-runs"):  # all-or-nothing outputs
+            print(f"videolm {args.command}: interrupted; nothing was written, re-run the command", file=sys.stderr)
+        else:
+            print(f"videolm {args.command}: interrupted; completed work is kept, re-run the same command "
+                  f"({'with --resume ' if args.command == 'pretrain' else ''}to continue)", file=sys.stderr)
         return 130
 
 
