@@ -93,7 +93,7 @@ def test_msrvtt_split_csvs_and_jsfusion_query(tmp_path):
     train.write_text("video_id\nvideo0\nvideo1\nvideo9\n")
     test = tmp_path / "MSRVTT_JSFUSION_test.csv"
     test.write_text("key,vid_key,video_id,sentence\n"
-                    "ret0,msr2,video2,a dog runs on the beach\n"  # same sentence up to case/spaces: marked
+                    "ret0,msr2,video2,A dog runs on the beach.\n"  # same words up to case/spaces/punctuation: marked
                     "ret1,msr4,video4,a quiet street at night\n")  # not among its sentences: added
     summary, by_id, order = imported(tmp_path, "msrvtt", annotations=ann, train_csv=train, test_csv=test)
     assert order == ["video0", "video1", "video2", "video4"]
@@ -400,3 +400,11 @@ def test_run_import_rejects_unknown_format_and_options(tmp_path):
         run_import("howto100m", tmp_path / "m.jsonl", tmp_path, captionz="x")
     with pytest.raises(ImporterError, match="needs --captions"):
         run_import("howto100m", tmp_path / "m.jsonl", tmp_path)
+
+
+def test_durations_are_parsed_and_rounded():
+    from videolm.importers.common import parse_duration
+
+    assert parse_duration(149.44 - 137.72) == 11.72  # float subtraction noise does not reach the manifest
+    assert parse_duration("PT00H01M05S") == 65.0 and parse_duration("12.5") == 12.5
+    assert parse_duration("soon") is None and parse_duration(0) is None and parse_duration(True) is None

@@ -16,6 +16,8 @@ Field names follow the public releases:
 
 from __future__ import annotations
 
+import re
+
 from typing import Iterator
 
 from ..manifest import Caption
@@ -29,8 +31,9 @@ NOT_ANNOTATED = "in a split CSV but not in the annotations"
 
 
 def _norm(text: str) -> str:
-    # JSFusion's sentence and MSR-VTT's caption of it may differ in case or spacing only.
-    return " ".join(text.lower().split())
+    # JSFusion's sentence and MSR-VTT's caption of it may differ in case, spacing and
+    # punctuation ("A car drives." vs "a car drives"): compare words only.
+    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def _msrvtt_split_csvs(train_csv, test_csv, report: Report) -> tuple[dict[str, str], dict[str, str]] | None:

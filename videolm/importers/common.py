@@ -204,7 +204,8 @@ def parse_duration(value) -> float | None:
                 return None
     else:
         return None
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
+    # Rounded to microseconds: "end time - start time" gives 11.719999999999999 for 149.44 - 137.72.
+    return round(seconds, 6) if math.isfinite(seconds) and seconds > 0 else None
 
 
 def probe_duration(path: str) -> float | None:
