@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-faults bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# Heavy fault-injection runs (docs/reliability.md); `make test` runs a fast subset.
+test-faults: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m faults tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_extract.py > bench_extract.json
