@@ -155,6 +155,55 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _add_verify(sub):
+    p = sub.add_parser(
+        "verify", help="check a feature directory (shards, checksums, codebook, tokens); --repair re-extracts",
+        description="Checks every shard (opens, index consistent with the datasets, no NaN/inf, sha256 checksums "
+                    "recorded at write time), that no shard is missing, and the codebook and token files. One "
+                    "line per problem, then a summary; exit 0 when clean, 1 when problems were found. --repair "
+                    "deletes broken shards and re-extracts them with the directory's recorded configuration.",
+    )
+    p.add_argument("dir", help="feature directory written by `videolm extract`")
+    p.add_argument("--repair", action="store_true", help="delete broken shards (and their token files), "
+                                                         "re-extract and re-tokenise them, then verify again")
+    p.add_argument("--manifest", help="with --repair: the manifest the directory was extracted from "
+                                      "(its sha256 must match extract_config.json)")
+    p.add_argument("--workers", type=int, help="with --repair: decoder processes (default: as recorded)")
+    p.add_argument("--quiet", action="store_true", help="no extraction progress output while repairing")
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    from .verify import repair_directory, verify_directory
+
+    if not args.repair:
+        report = verify_directory(args.dir)
+        for problem in report.problems:
+            print(problem.line())
+        print(report.summary())
+        return 0 if report.ok else EXIT_RUN_FAILED
+    result = repair_directory(args.dir, args.manifest, workers=args.workers, progress=not args.quiet)
+    for problem in result.before.problems:
+        print(problem.line())
+    print(result.before.summary())
+    if result.before.ok:
+        print("verify: nothing to repair")
+        return 0
+    if result.shards_reextracted:
+        print(f"verify: re-extracted {len(result.shards_reextracted)} shard(s): {', '.join(result.shards_reextracted)}")
+    if result.token_files_removed:
+        done = "re-tokenised with the existing codebook" if result.retokenised else \
+            "run `videolm quantize` again to rewrite them"
+        print(f"verify: removed {len(result.token_files_removed)} token file(s); {done}")
+    for note in result.notes:
+        print(f"verify: {note}")
+    print("verify: after repair:")
+    for problem in result.after.problems:
+        print(problem.line())
+    print(result.after.summary())
+    return 0 if result.after.ok else EXIT_RUN_FAILED
+
+
 def _add_pretrain(sub):
     p = sub.add_parser(
         "pretrain", help="pretrain a video-text model over feature shards with a recipe of objectives",
@@ -382,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_extract(sub)
     _add_quantize(sub)
+    _add_verify(sub)
     _add_pretrain(sub)
     _add_eval(sub)
     _add_compare(sub)
@@ -409,11 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .retrieval import EvalError
     from .importers import ImporterError
+    from .verify import VerifyError
 
     try:
         return args.func(args)
     except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError,
-            DataError, TrainError, EvalError, ImporterError) as exc:
+            DataError, TrainError, EvalError, ImporterError, VerifyError) as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ One shard = one HDF5 file ``shard_NNNNN.h5`` holding the clips of up to
     index/num_clips int32 (n_videos,)
     index/duration  float32 (n_videos,)      seconds, from the stream timestamps
     failures/video_id, failures/error  str   videos that could not be extracted
+    attrs checksums  JSON {dataset path: sha256 of its content} (see ``dataset_digest``)
 
 A shard is written under a temporary name and renamed when complete, so a file
 named ``shard_NNNNN.h5`` is always whole. Reading one video is a lookup in the
@@ -21,6 +22,7 @@ small index followed by one contiguous slice: no scan of the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -41,6 +43,33 @@ _CHUNK_ROWS = 64
 
 class ShardError(RuntimeError):
     pass
+
+
+CHECKSUM_ALGORITHM = "sha256"
+
+
+def dataset_digest(values) -> str:
+    """sha256 of a dataset's content: the C-order bytes of a numeric array, or the
+    JSON list of a string array (utf-8). Written into ``attrs['checksums']`` when a
+    file is finished; ``videolm verify`` recomputes it."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OSU":
+        return hashlib.sha256(json.dumps(_decode_str(arr.ravel())).encode("utf-8")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def read_checksums(attrs) -> dict | None:
+    """The recorded {dataset path: sha256}, or None for files written before checksums existed."""
+    raw = attrs.get("checksums")
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    return json.loads(raw)
+
+
+def _checksums_json(digests: dict[str, str]) -> str:
+    return json.dumps({"algorithm": CHECKSUM_ALGORITHM, "datasets": digests}, sort_keys=True)
 
 
 def shard_name(index: int) -> str:
@@ -78,6 +107,10 @@ class ShardWriter:
         self._durations: list[float] = []
         self._failed: list[tuple[str, str]] = []
         self._rows = 0
+        # Content hashes, fed as rows are written (features and clip_times are
+        # appended in row order, so this equals the hash of the finished dataset).
+        self._feat_hash = hashlib.sha256()
+        self._times_hash = hashlib.sha256()
 
     def add_video(self, video_id: str, features: np.ndarray, starts: np.ndarray, ends: np.ndarray, duration: float):
         n = len(features)
@@ -88,10 +121,14 @@ class ShardWriter:
         if not np.isfinite(features).all():
             raise ShardError(f"{video_id}: encoder produced NaN or inf features")
         end = self._rows + n
+        feats16 = np.ascontiguousarray(features, dtype=np.float16)
+        times = np.ascontiguousarray(np.stack([starts, ends], axis=1), dtype=np.float32)
         self._features.resize((end, self.dim))
-        self._features[self._rows : end] = features.astype(np.float16)
+        self._features[self._rows : end] = feats16
         self._times.resize((end, 2))
-        self._times[self._rows : end] = np.stack([starts, ends], axis=1).astype(np.float32)
+        self._times[self._rows : end] = times
+        self._feat_hash.update(feats16.tobytes())
+        self._times_hash.update(times.tobytes())
         self._ids.append(video_id)
         self._offsets.append(self._rows)
         self._counts.append(n)
@@ -103,14 +140,19 @@ class ShardWriter:
 
     def finish(self) -> Path:
         f = self._file
-        idx = f.create_group("index")
-        idx.create_dataset("video_id", data=np.array(self._ids, dtype=object), dtype=_STR)
-        idx.create_dataset("offset", data=np.array(self._offsets, dtype=np.int64))
-        idx.create_dataset("num_clips", data=np.array(self._counts, dtype=np.int32))
-        idx.create_dataset("duration", data=np.array(self._durations, dtype=np.float32))
-        fail = f.create_group("failures")
-        fail.create_dataset("video_id", data=np.array([v for v, _ in self._failed], dtype=object), dtype=_STR)
-        fail.create_dataset("error", data=np.array([e for _, e in self._failed], dtype=object), dtype=_STR)
+        small = {
+            "index/video_id": (np.array(self._ids, dtype=object), _STR),
+            "index/offset": (np.array(self._offsets, dtype=np.int64), None),
+            "index/num_clips": (np.array(self._counts, dtype=np.int32), None),
+            "index/duration": (np.array(self._durations, dtype=np.float32), None),
+            "failures/video_id": (np.array([v for v, _ in self._failed], dtype=object), _STR),
+            "failures/error": (np.array([e for _, e in self._failed], dtype=object), _STR),
+        }
+        digests = {"features": self._feat_hash.hexdigest(), "clip_times": self._times_hash.hexdigest()}
+        for name, (data, dtype) in small.items():
+            f.create_dataset(name, data=data, dtype=dtype)
+            digests[name] = dataset_digest(data)
+        f.attrs["checksums"] = _checksums_json(digests)
         f.attrs["num_videos"] = len(self._ids)
         f.attrs["num_clips"] = self._rows
         f.attrs["num_failed"] = len(self._failed)
@@ -164,7 +206,9 @@ class ShardReader:
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise ShardError(f"{self.path}: cannot open shard (truncated or not HDF5?): {exc}") from None
+            size = self.path.stat().st_size if self.path.exists() else 0
+            raise ShardError(f"{self.path}: cannot open shard: truncated or not an HDF5 file (size {size} bytes; "
+                             f"{exc}); run `videolm verify --repair`") from None
         f = self._file
         if f.attrs.get("format") != FORMAT:
             f.close()
@@ -375,8 +419,10 @@ def write_token_file(path: Path, tokens: np.ndarray, paths: np.ndarray, attrs: d
     for key, value in attrs.items():
         f.attrs[key] = value
     f.attrs["format"] = TOKENS_FORMAT
-    f.create_dataset("tokens", data=tokens.astype(np.int32))
-    f.create_dataset("paths", data=paths.astype(np.int16))
+    tokens, paths = tokens.astype(np.int32), paths.astype(np.int16)
+    f.create_dataset("tokens", data=tokens)
+    f.create_dataset("paths", data=paths)
+    f.attrs["checksums"] = _checksums_json({"tokens": dataset_digest(tokens), "paths": dataset_digest(paths)})
     _publish(tmp, path, f)
     return path
 
@@ -407,10 +453,13 @@ def write_codebook(path: Path, levels: list[dict[str, np.ndarray]], attrs: dict)
     for key, value in attrs.items():
         f.attrs[key] = value
     f.attrs["format"] = CODEBOOK_FORMAT
+    digests = {}
     for i, level in enumerate(levels):
         g = f.create_group(f"level_{i}")
         for name, arr in level.items():
             g.create_dataset(name, data=arr)
+            digests[f"level_{i}/{name}"] = dataset_digest(arr)
+    f.attrs["checksums"] = _checksums_json(digests)
     _publish(tmp, path, f)
     return path
 

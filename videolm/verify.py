@@ -1,0 +1,443 @@
+"""``videolm verify``: check a feature directory end to end, and optionally repair it.
+
+Checks, for every ``shard_NNNNN.h5``: the file opens (a truncated or overwritten
+file is named with its size), every dataset is present and readable, the index
+matches the datasets (offsets contiguous from 0, counts add up, attribute counts
+agree), features and clip times are finite, and the recorded sha256 checksums
+(``attrs['checksums']``, written by ShardWriter) still match. Then the directory:
+every shard the recorded config implies is present, no video appears twice, and,
+after ``videolm quantize``, the codebook and each token file (fingerprint, length,
+range of word ids, checksums).
+
+``repair_directory`` deletes broken shards and their token files, re-extracts them
+with the directory's own recorded configuration (the manifest must be the one it
+was written from: same sha256), re-tokenises with the existing codebook, and
+verifies again. Extraction is deterministic, so a repaired shard holds exactly the
+bytes an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .extract.shards import (
+    CODEBOOK_FORMAT, CODEBOOK_NAME, FORMAT, TOKENS_FORMAT, dataset_digest, list_shards, read_checksums,
+    shard_name, token_path,
+)
+
+_SHARD_DATASETS = ("features", "clip_times", "index/video_id", "index/offset", "index/num_clips", "index/duration",
+                   "failures/video_id", "failures/error")
+_BLOCK = 16384
+
+
+class VerifyError(RuntimeError):
+    """verify/repair cannot proceed (no such directory, wrong manifest): a user error."""
+
+
+@dataclass
+class Problem:
+    file: str  # name relative to the directory
+    message: str
+    severity: str = "error"  # or "warning"
+
+    def line(self) -> str:
+        return f"{'ERROR' if self.severity == 'error' else 'warning'} {self.file}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    directory: str
+    shards: int = 0
+    shards_ok: int = 0
+    clips: int = 0
+    token_files: int = 0
+    has_codebook: bool = False
+    problems: list[Problem] = field(default_factory=list)
+    broken_shards: list[int] = field(default_factory=list)  # shard indices to re-extract (damaged or missing)
+    broken_tokens: list[str] = field(default_factory=list)  # token files to rewrite
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        state = "clean" if self.ok and not self.warnings else ("ok with warnings" if self.ok else "PROBLEMS FOUND")
+        toks = f", {self.token_files} token file(s)" if self.has_codebook or self.token_files else ""
+        return (f"verify: {self.directory}: {self.shards} shard(s), {self.shards_ok} ok, {self.clips} clips{toks}; "
+                f"{len(self.errors)} error(s), {len(self.warnings)} warning(s): {state}")
+
+
+def _h5():
+    import h5py  # shards.py is the module that writes HDF5; verify only reads
+
+    return h5py
+
+
+def _open(path: Path, problems: list[Problem], what: str):
+    h5py = _h5()
+    size = path.stat().st_size
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        detail = str(exc).split(";")[0][:160]
+        problems.append(Problem(path.name, f"truncated or not an HDF5 file (size {size} bytes; {what}: {detail})"))
+        return None
+
+
+def _compare_checksums(f, name: str, values: dict, problems: list[Problem]) -> None:
+    try:
+        recorded = read_checksums(f.attrs)
+    except (ValueError, TypeError):
+        problems.append(Problem(name, "checksums attribute is not valid JSON"))
+        return
+    if recorded is None:
+        problems.append(Problem(name, "no checksums recorded (written before checksums existed); "
+                                      "structure checked only", "warning"))
+        return
+    digests = recorded.get("datasets", {})
+    for key, value in values.items():
+        want = digests.get(key)
+        if want is None:
+            problems.append(Problem(name, f"no checksum recorded for {key}", "warning"))
+        elif dataset_digest(value) != want:
+            problems.append(Problem(name, f"checksum mismatch in {key} (content changed after it was written)"))
+
+
+def _video_at(offsets: np.ndarray, ids: list[str], row: int) -> str:
+    i = int(np.searchsorted(offsets, row, side="right")) - 1
+    return ids[i] if 0 <= i < len(ids) else "?"
+
+
+def check_shard(path: Path, manifest_sha: str | None = None) -> tuple[list[Problem], dict | None]:
+    """Problems of one shard, and (when it is readable) {video_ids, num_clips}."""
+    problems: list[Problem] = []
+    name = path.name
+    f = _open(path, problems, "shard")
+    if f is None:
+        return problems, None
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            problems.append(Problem(name, "not a videolm feature shard (format attribute missing)"))
+            return problems, None
+        values = {}
+        for key in _SHARD_DATASETS:
+            if key not in f:
+                problems.append(Problem(name, f"dataset {key} missing"))
+                continue
+            try:
+                values[key] = f[key][()]
+            except (OSError, ValueError, KeyError) as exc:
+                problems.append(Problem(name, f"dataset {key} unreadable ({str(exc)[:120]})"))
+        if len(values) < len(_SHARD_DATASETS):
+            return problems, None
+        from .extract.shards import _decode_str
+
+        ids = _decode_str(values["index/video_id"])
+        offsets = values["index/offset"].astype(np.int64)
+        counts = values["index/num_clips"].astype(np.int64)
+        feats, times = values["features"], values["clip_times"]
+        rows = feats.shape[0] if feats.ndim == 2 else -1
+        dim = int(f.attrs.get("dim", -1))
+        if feats.ndim != 2 or feats.shape[1] != dim:
+            problems.append(Problem(name, f"features of shape {feats.shape}, expected (n, {dim})"))
+        if times.shape != (rows, 2):
+            problems.append(Problem(name, f"clip_times of shape {times.shape}, expected ({rows}, 2)"))
+        if not (len(ids) == len(offsets) == len(counts) == len(values["index/duration"])):
+            problems.append(Problem(name, f"index arrays of different lengths: video_id {len(ids)}, offset "
+                                          f"{len(offsets)}, num_clips {len(counts)}, "
+                                          f"duration {len(values['index/duration'])}"))
+        else:
+            expected = 0
+            for i, (vid, a, n) in enumerate(zip(ids, offsets, counts)):
+                if n < 1:
+                    problems.append(Problem(name, f"index: video {vid!r} has {n} clips"))
+                    break
+                if a != expected:
+                    problems.append(Problem(name, f"index: video {vid!r} starts at row {a}, expected {expected} "
+                                                  "(rows not contiguous)"))
+                    break
+                if a + n > rows:
+                    problems.append(Problem(name, f"index: video {vid!r} rows [{a}, {a + n}) beyond the "
+                                                  f"{rows} rows of features"))
+                    break
+                expected = a + n
+            else:
+                if expected != rows:
+                    problems.append(Problem(name, f"index covers {expected} rows but features has {rows}"))
+        if len(set(ids)) != len(ids):
+            problems.append(Problem(name, "index: a video id appears twice"))
+        for attr, actual in (("num_videos", len(ids)), ("num_clips", rows),
+                             ("num_failed", len(values["failures/video_id"]))):
+            if attr in f.attrs and int(f.attrs[attr]) != actual:
+                problems.append(Problem(name, f"attribute {attr}={int(f.attrs[attr])} but the datasets hold {actual}"))
+        if feats.ndim == 2:
+            bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+            if len(bad):
+                problems.append(Problem(name, f"NaN/inf features in {len(bad)} row(s), first at row {bad[0]} "
+                                              f"(video {_video_at(offsets, ids, int(bad[0]))!r})"))
+        if not np.isfinite(times).all():
+            problems.append(Problem(name, "NaN/inf clip times"))
+        if manifest_sha is not None and f.attrs.get("manifest_sha256") not in (None, manifest_sha):
+            problems.append(Problem(name, "written from a different manifest than extract_config.json records"))
+        idx = f.attrs.get("shard_index")
+        if idx is not None and shard_name(int(idx)) != name:
+            problems.append(Problem(name, f"holds shard_index {int(idx)} (renamed or copied over?)"))
+        _compare_checksums(f, name, values, problems)
+        config = f.attrs.get("config")
+    return problems, {"video_ids": ids, "num_clips": rows, "config": config}
+
+
+def _check_codebook(path: Path, report: VerifyReport) -> dict | None:
+    problems = report.problems
+    f = _open(path, problems, "codebook")
+    if f is None:
+        return None
+    with f:
+        if f.attrs.get("format") != CODEBOOK_FORMAT:
+            problems.append(Problem(path.name, "not a videolm codebook"))
+            return None
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        values = {}
+        try:
+            for i in range(int(attrs["levels"])):
+                g = f[f"level_{i}"]
+                for key in g:
+                    values[f"level_{i}/{key}"] = g[key][()]
+        except (KeyError, OSError, ValueError) as exc:
+            problems.append(Problem(path.name, f"incomplete or unreadable ({str(exc)[:120]})"))
+            return None
+        for key, arr in values.items():
+            if key.endswith("/centroids"):
+                if arr.ndim != 2 or arr.shape[1] != int(attrs.get("dim", arr.shape[-1])):
+                    problems.append(Problem(path.name, f"{key} of shape {arr.shape}, dim {attrs.get('dim')}"))
+                if not np.isfinite(arr).all():
+                    problems.append(Problem(path.name, f"NaN/inf in {key}"))
+        _compare_checksums(f, path.name, values, problems)
+    return attrs
+
+
+def _check_tokens(path: Path, codebook: dict, num_clips: int, report: VerifyReport) -> None:
+    problems = report.problems
+    before = len(report.errors)
+    f = _open(path, problems, "token file")
+    if f is not None:
+        with f:
+            if f.attrs.get("format") != TOKENS_FORMAT or "tokens" not in f or "paths" not in f:
+                problems.append(Problem(path.name, "not a complete videolm token file"))
+            elif f.attrs.get("codebook_fingerprint") != codebook.get("fingerprint"):
+                problems.append(Problem(path.name, "written with another codebook (fingerprint differs)"))
+            else:
+                try:
+                    values = {"tokens": f["tokens"][()], "paths": f["paths"][()]}
+                except (OSError, ValueError) as exc:
+                    problems.append(Problem(path.name, f"unreadable ({str(exc)[:120]})"))
+                else:
+                    tok = values["tokens"]
+                    if len(tok) != num_clips or len(values["paths"]) != num_clips:
+                        problems.append(Problem(path.name, f"{len(tok)} tokens but the shard has {num_clips} clips"))
+                    vocab = int(codebook.get("vocab_size", 0))
+                    if len(tok) and (tok.min() < 0 or tok.max() >= vocab):
+                        problems.append(Problem(path.name, f"word ids outside [0, {vocab})"))
+                    _compare_checksums(f, path.name, values, problems)
+    if len(report.errors) > before:
+        report.broken_tokens.append(path.name)
+
+
+def verify_directory(directory: str | os.PathLike) -> VerifyReport:
+    d = Path(directory)
+    if not d.is_dir():
+        raise VerifyError(f"{d}: not a directory")
+    report = VerifyReport(str(d))
+    recorded = read_extract_config(d)
+    key = (recorded or {}).get("key", {})
+    if recorded is None:
+        report.problems.append(Problem("extract_config.json", "missing or unreadable; cannot tell which shards "
+                                                              "should exist", "warning"))
+    paths = list_shards(d)
+    if not paths and recorded is None:
+        raise VerifyError(f"{d}: no feature shards (shard_*.h5) and no extract_config.json")
+    report.shards = len(paths)
+    readable: dict[str, dict] = {}
+    for p in paths:
+        problems, info = check_shard(p, key.get("manifest_sha256"))
+        report.problems += problems
+        if any(x.severity == "error" for x in problems):
+            report.broken_shards.append(int(p.name[6:11]))
+        else:
+            report.shards_ok += 1
+        if info is not None:
+            readable[p.name] = info
+            report.clips += info["num_clips"]
+    if key.get("num_videos") and key.get("shard_size"):
+        expected = -(-int(key["num_videos"]) // int(key["shard_size"]))
+        present = {p.name for p in paths}
+        for s in range(expected):
+            if shard_name(s) not in present:
+                report.problems.append(Problem(shard_name(s), f"missing (the directory should hold {expected} "
+                                                              "shards; extraction unfinished or file deleted)"))
+                report.broken_shards.append(s)
+        for p in paths:
+            if int(p.name[6:11]) >= expected:
+                report.problems.append(Problem(p.name, f"beyond the {expected} shards the config implies"))
+    seen: dict[str, str] = {}
+    for name, info in readable.items():
+        for vid in info["video_ids"]:
+            if vid in seen:
+                report.problems.append(Problem(name, f"video {vid!r} is also in {seen[vid]}"))
+            seen[vid] = name
+    configs = {}
+    for name, info in readable.items():
+        try:
+            c = json.loads(info["config"]) if info["config"] is not None else {}
+        except ValueError:
+            report.problems.append(Problem(name, "config attribute is not valid JSON"))
+            continue
+        configs.setdefault(json.dumps({k: c.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True),
+                           []).append(name)
+    if len(configs) > 1:
+        report.problems.append(Problem(".", "shards were written with different encoders/configs: "
+                                            + "; ".join(f"{v[:3]} {k}" for k, v in configs.items())))
+    for p in sorted(d.glob("*.partial-*")) + sorted(d.glob("*.tmp-*")):
+        report.problems.append(Problem(p.name, "leftover of an interrupted run (removed when the job resumes)",
+                                       "warning"))
+    for p in sorted(d.glob("*.corrupt-*")):
+        report.problems.append(Problem(p.name, "damaged shard set aside by an earlier run; safe to delete",
+                                       "warning"))
+
+    cb_path = d / CODEBOOK_NAME
+    token_files = sorted(d.glob("shard_[0-9][0-9][0-9][0-9][0-9].tokens.h5"))
+    report.token_files = len(token_files)
+    if cb_path.exists():
+        report.has_codebook = True
+        cb = _check_codebook(cb_path, report)
+        if cb is not None:
+            for p in paths:
+                tp = token_path(p)
+                info = readable.get(p.name)
+                if not tp.exists():
+                    report.problems.append(Problem(tp.name, "missing: the directory has a codebook "
+                                                            "(re-run `videolm quantize`)"))
+                    report.broken_tokens.append(tp.name)
+                elif info is not None:
+                    _check_tokens(tp, cb, info["num_clips"], report)
+    elif token_files:
+        report.problems.append(Problem(token_files[0].name, f"{len(token_files)} token file(s) but no "
+                                                            f"{CODEBOOK_NAME}; they cannot be used", "warning"))
+    report.broken_shards = sorted(set(report.broken_shards))
+    return report
+
+
+def read_extract_config(d: Path) -> dict | None:
+    try:
+        return json.loads((d / "extract_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_extract_config(directory: str | os.PathLike, workers: int | None = None):
+    """The ExtractConfig the directory was written with (extract_config.json + a readable shard's config)."""
+    from .config import ExtractConfig, from_dict
+
+    d = Path(directory)
+    recorded = read_extract_config(d)
+    if recorded is None:
+        raise VerifyError(f"{d}/extract_config.json is missing or unreadable: cannot re-extract with the "
+                          "recorded configuration")
+    key = recorded["key"]
+    fields = {f.name for f in dataclasses.fields(ExtractConfig)}
+    base: dict = {}
+    for p in list_shards(d):  # batch size, backend, device: only the shards record them
+        problems, info = check_shard(p)
+        if info is not None and info["config"] and not any(x.severity == "error" for x in problems):
+            base = {k: v for k, v in json.loads(info["config"]).items() if k in fields}
+            break
+    sampling = key.get("sampling") or {}
+    base.update({"encoder": key["encoder"], "weights": key.get("weights"), "shard_size": int(key["shard_size"]),
+                 **{k: sampling[k] for k in ("fps", "frames_per_clip", "clip_stride", "short_side", "crop")
+                    if k in sampling}})
+    if workers is not None:
+        base["workers"] = workers
+    return from_dict(ExtractConfig, base), key
+
+
+@dataclass
+class RepairResult:
+    before: VerifyReport
+    after: VerifyReport
+    shards_reextracted: list[str] = field(default_factory=list)
+    token_files_removed: list[str] = field(default_factory=list)
+    retokenised: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def repair_directory(directory: str | os.PathLike, manifest: str | os.PathLike | None, workers: int | None = None,
+                     progress: bool = False) -> RepairResult:
+    """Delete what verify found broken, re-extract it with the recorded config, re-tokenise, verify again."""
+    d = Path(directory)
+    before = verify_directory(d)
+    result = RepairResult(before, before)
+    if before.ok:
+        return result
+    if before.broken_shards:
+        from .extract.job import file_sha256, run_extract
+
+        if manifest is None:
+            raise VerifyError("--repair must re-extract "
+                              f"{len(before.broken_shards)} shard(s): pass --manifest with the manifest "
+                              "the directory was extracted from")
+        cfg, key = recorded_extract_config(d, workers)
+        sha = file_sha256(manifest)
+        if sha != key.get("manifest_sha256"):
+            raise VerifyError(f"{manifest}: sha256 {sha[:12]}... differs from the manifest this directory was "
+                              f"extracted from ({str(key.get('manifest_sha256'))[:12]}...); give that manifest")
+        for s in before.broken_shards:
+            p = d / shard_name(s)
+            for victim in (p, token_path(p)):
+                if victim.exists():
+                    victim.unlink()
+                    if victim == token_path(p):
+                        result.token_files_removed.append(victim.name)
+            result.shards_reextracted.append(p.name)
+        run_extract(manifest, d, cfg, split=key.get("split") or None, progress=progress)
+    for name in before.broken_tokens:
+        if (d / name).exists():
+            (d / name).unlink()
+            result.token_files_removed.append(name)
+    if result.token_files_removed or before.broken_tokens:
+        result.retokenised = _retokenise(d, result)
+    result.after = verify_directory(d)
+    return result
+
+
+def _retokenise(d: Path, result: RepairResult) -> bool:
+    """Rewrite missing token files with the existing codebook (same settings: nothing is refitted)."""
+    from .config import from_dict
+    from .extract.shards import ShardError, read_codebook_attrs
+    from .quantize import QuantizeConfig
+    from .quantize_job import QuantizeError, run_quantize
+
+    try:
+        attrs = read_codebook_attrs(d / CODEBOOK_NAME)
+        if attrs is None:
+            return False
+        cfg = from_dict(QuantizeConfig, json.loads(attrs["config"]))
+        run_quantize(d, cfg, progress=False)
+        return True
+    except (ShardError, QuantizeError, KeyError, ValueError) as exc:
+        result.notes.append(f"could not re-tokenise with the existing codebook ({exc}); "
+                            "run `videolm quantize` again with the settings it was fitted with")
+        return False
