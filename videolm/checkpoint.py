@@ -15,13 +15,21 @@ Layout under the run directory::
 A checkpoint is assembled in ``.tmp-step_...`` and renamed into place, then
 ``latest`` is replaced (write + rename). A crash at any moment leaves the
 previous checkpoint and ``latest`` intact; leftover temporaries are removed
-by the next save.
+by the next save. Directories are deleted (pruning, or replacing a checkpoint of
+the same step) by first renaming them to ``.tmp-del-...``, so a kill in the middle
+of a deletion never leaves a half-deleted ``step_*`` that could be picked.
+
+Every file is read back with ``torch.load(..., weights_only=True)``: ``trainer.pt``
+holds only tensors, numbers, strings and containers (RNG states included), so a
+checkpoint from elsewhere cannot run code when it is resumed. The fault-injection
+tests behind this are described in docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -31,7 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import ConfigError
+from .config import ConfigError, TrainError
 from .recipe import PretrainConfig, load_recipe, save_recipe
 
 LATEST = "latest"
@@ -42,7 +50,12 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors, numbers and tuples only (what ``torch.load(weights_only=True)`` accepts)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                       float(cached)),
+             "python": random.getstate()}  # (version, tuple of ints, float or None)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,8 +63,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -77,15 +93,25 @@ def save_checkpoint(run_dir: Path, step: int, model, cfg: PretrainConfig, tokeni
                 os.fsync(fh.fileno())
     final = root / name
     if final.exists():  # the same step saved again (e.g. a re-run end checkpoint): replace it
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
     pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(name + "\n")
+    with open(pointer, "w") as fh:
+        fh.write(name + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(pointer, root / LATEST)
     old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != name)
     for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove(p)
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory so that no kill leaves a half-deleted ``step_*`` behind."""
+    doomed = path.with_name(f".tmp-del-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)  # atomic: ``step_*`` is either whole or gone
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(path: str | os.PathLike) -> Path | None:
@@ -109,7 +135,15 @@ def load_run_config(ckpt: Path) -> PretrainConfig:
 
 
 def load_trainer_state(ckpt: Path, map_location="cpu") -> dict:
-    return torch.load(ckpt / "trainer.pt", map_location=map_location, weights_only=False)
+    path = Path(ckpt) / "trainer.pt"
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "GLOBAL" in ln]
+        detail = f" ({lines[0]})" if lines else ""
+        raise TrainError(f"{path}: refusing to load: it holds objects other than tensors, numbers, strings and "
+                         f"containers{detail}. It was not written by this videolm version, or it was tampered "
+                         "with; resume from another checkpoint or start a new run") from exc
 
 
 def load_pretrained(path: str | os.PathLike, device: str = "cpu"):

@@ -60,13 +60,15 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader processes reading shards
     threads: int = 0  # torch CPU threads in each training process; 0 keeps torch's default (all cores)
     split: str = "train"
+    max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (skipped) before the run stops
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "max_steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("batch_size", "max_steps", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.num_workers < 0 or self.grad_clip < 0 or self.threads < 0:

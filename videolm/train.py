@@ -10,6 +10,15 @@ One optimizer step = ``grad_accum`` micro-batches. For each step the trainer
 3. sums ``weight * loss`` over the objectives, backpropagates, clips, steps
    AdamW and the warmup + decay schedule, and logs every loss.
 
+A step whose loss or gradient norm is NaN/inf is skipped: no optimizer step,
+gradients dropped, the schedule (and data plan) advance as for any step, a
+warning names the objectives at fault, and the metrics record carries
+``skipped_steps``; ``train.max_bad_steps`` such steps in a row stop the run with
+``TrainError``. (fp16's GradScaler skips overflowing steps on its own and lowers
+the scale; those are not counted.) No checkpoint is ever written from weights
+that are not finite. SIGTERM (a scheduler's time limit) is handled like Ctrl-C:
+a checkpoint of the last finished step is written before the process exits.
+
 Batches come from ``PlannedBatches``: batch ``i`` of the run is a fixed slice of
 the permutation of epoch ``i // batches_per_epoch``, so resuming at step ``s``
 just starts the plan at batch ``s * grad_accum``; no sampler state is saved.
@@ -26,7 +35,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -52,7 +63,7 @@ log = logging.getLogger("videolm.train")
 
 # Settings that may change when a run is resumed (they do not alter what has been learned so far).
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
-                     "threads"}
+                     "threads", "max_bad_steps"}
 
 
 class PlannedBatches:
@@ -143,6 +154,29 @@ def _check_resume_config(saved: PretrainConfig, wanted: PretrainConfig) -> None:
                           + f". Only {', '.join(sorted(RESUMABLE_CHANGES))} may change")
 
 
+def _any_rank(flag: bool, device: str, world: int) -> bool:
+    """True when ``flag`` is true on any process (so every rank skips the same steps)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _window_record(window: dict, examples_per_step: int, t_window: float, stage: int, now: float | None = None) -> dict:
+    now = time.perf_counter() if now is None else now
+    # NaN marks a metric an objective could not measure on that step (e.g. fom on one-clip videos)
+    record = {k: float(np.mean([x for x in v if x == x])) if any(x == x for x in v) else float("nan")
+              for k, v in window.items() if k != "skipped_steps"}
+    if window.get("skipped_steps"):
+        record["skipped_steps"] = int(round(sum(window["skipped_steps"])))  # steps of this record skipped
+    record["examples_per_s"] = examples_per_step * len(window["loss"]) / max(now - t_window, 1e-9)
+    record["stage"] = stage
+    return record
+
+
 def _autocast(device: str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -216,7 +250,7 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.schedule))
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-    start = 0
+    start, skipped_total, bad_streak = 0, 0, 0
     if ckpt is not None:
         model.load_state_dict(torch.load(ckpt / "model.pt", map_location=device, weights_only=True))
         state = load_trainer_state(ckpt, map_location=device)
@@ -226,6 +260,7 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start = int(state["step"])
+        skipped_total, bad_streak = int(state.get("skipped_steps", 0)), int(state.get("bad_streak", 0))
         if rank == 0:
             log.info("resuming %s from %s (step %d of %d)", out, ckpt, start, tc.max_steps)
     runner = ObjectiveRunner(model, objectives)
@@ -250,11 +285,19 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
     meta = {"features": str(features), "manifest": str(manifest), "world_size": world}
 
     def checkpoint(step: int) -> Path | None:
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # every rank holds the same weights, so every rank refuses
+            kept = latest_checkpoint(out) if out.exists() else None
+            raise TrainError(f"refusing to write the step-{step} checkpoint: {len(bad)} parameter tensor(s) hold "
+                             f"NaN/inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                             + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was written")
+                             + "; lower lr or use fp32")
         path = None
         if rank == 0:
             path = save_checkpoint(out, step, model, cfg, tokenizer, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None}, meta, tc.keep_checkpoints)
+                "scaler": scaler.state_dict() if scaler else None,
+                "skipped_steps": skipped_total, "bad_streak": bad_streak}, meta, tc.keep_checkpoints)
         barrier()
         return path
 
@@ -268,6 +311,12 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
     t_window, t0 = time.perf_counter(), time.perf_counter()
     batches = iter(loader)
     runner.train()
+    previous_term = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigterm(signum, frame):
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+        previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while step < tc.max_steps:
             stage = cfg.stage_at(step)
@@ -278,7 +327,8 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
             torch.manual_seed(seed)  # dropout: same draws when this step is replayed after a resume
             gen = torch.Generator().manual_seed(seed)
             values: dict[str, float] = {}
-            for micro in range(tc.grad_accum):
+            bad_tasks: set[str] = set()
+            for micro in range(tc.grad_accum):  # every micro-batch is drawn, even after a bad one: the data plan
                 batch = batch_to(next(batches), device)
                 sync = micro == tc.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else runner.no_sync()), _autocast(device, tc.precision):
@@ -286,38 +336,59 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
                     total, out_losses = 0.0, {}
                     for task, values_of_task in per_task.items():
                         parts = [v for k, v in values_of_task.items() if k.endswith("_loss")]
-                        total = total + weights[task] * sum(parts)
+                        part_sum = sum(parts)
+                        if not bool(torch.isfinite(torch.as_tensor(part_sum)).all()):
+                            bad_tasks.add(task.split(":", 1)[1])
+                        total = total + weights[task] * part_sum
                         out_losses.update(values_of_task)
-                    if not torch.isfinite(total):
-                        raise TrainError(f"step {step + 1}: loss is {total.item()} ({', '.join(names)}); "
-                                         "lower lr or use fp32")
                     loss = total / tc.grad_accum
+                # Backward even a non-finite loss: under DDP every rank must join the gradient all-reduce.
                 (scaler.scale(loss) if scaler else loss).backward()
                 for k, v in out_losses.items():
                     values[k] = values.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) / tc.grad_accum
                 values["loss"] = values.get("loss", 0.0) + loss.item()
             if scaler:
                 scaler.unscale_(optimizer)
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf")))
             if tc.grad_clip:
-                values["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+                values["grad_norm"] = grad_norm
+            bad_loss = _any_rank(bool(bad_tasks), device, world)
+            bad_grad = not math.isfinite(grad_norm) and scaler is None  # the scaler handles fp16 overflow itself
+            if bad_loss or bad_grad:
+                # Skip the update; the schedule, data plan and step count advance as for any step, so
+                # a resumed run repeats this one. The scaler's update() ends its iteration (and, having
+                # seen inf/NaN gradients, lowers the scale).
+                if scaler:
+                    scaler.update()
+                skipped_total, bad_streak = skipped_total + 1, bad_streak + 1
+                values["skipped_steps"] = 1.0
+                what = (f"loss is not finite in {', '.join(sorted(bad_tasks)) or 'another process'}" if bad_loss
+                        else f"gradient norm is {grad_norm} with a finite loss")
+                if rank == 0:
+                    log.warning("step %d: %s; step skipped (no update), %d bad step(s) in a row, %d allowed",
+                                step + 1, what, bad_streak, tc.max_bad_steps)
             else:
-                optimizer.step()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                bad_streak = 0
             values["lr"] = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             for k, v in all_reduce_mean(values, device).items():
                 window[k].append(v)
+            if bad_streak >= tc.max_bad_steps:
+                metrics.log(step, _window_record(window, examples_per_step, t_window, si))  # show the bad steps
+                raise TrainError(f"steps {step - bad_streak + 1}-{step}: {bad_streak} consecutive steps with a "
+                                 f"non-finite loss or gradient (last: {what}); stopping (train.max_bad_steps="
+                                 f"{tc.max_bad_steps}). Parameters are those after step {step - bad_streak}; "
+                                 "lower lr, raise warmup_steps or use fp32, then --resume from the last checkpoint")
             if step % tc.log_every == 0 or step == tc.max_steps:
                 now = time.perf_counter()
-                # NaN marks a metric an objective could not measure on that step (e.g. fom on one-clip videos)
-                record = {k: float(np.mean([x for x in v if x == x])) if any(x == x for x in v) else float("nan")
-                          for k, v in window.items()}
-                record["examples_per_s"] = examples_per_step * len(window["loss"]) / (now - t_window)
-                record["stage"] = si
+                record = _window_record(window, examples_per_step, t_window, si, now)
                 metrics.log(step, record)
                 window, t_window = defaultdict(list), now
                 if bar is not None:
@@ -332,20 +403,28 @@ def _train(cfg, features, manifest, out, resume, progress, rank, world, device) 
                 t_save = time.perf_counter()
                 last_ckpt = checkpoint(step)
                 t_window += time.perf_counter() - t_save  # examples/s measures training, not saving
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        why = f"{exc.args[0]} received" if exc.args else "interrupted"
         if step > start:
-            path = checkpoint(step)
+            try:
+                path = checkpoint(step)
+            except TrainError as refused:
+                if rank == 0:
+                    print(f"videolm pretrain: {why} at step {step}; {refused}", file=sys.stderr)
+                raise
             if rank == 0:
-                print(f"videolm pretrain: interrupted at step {step}; checkpoint {path}, "
+                print(f"videolm pretrain: {why} at step {step}; checkpoint {path}, "
                       "re-run with --resume to continue", file=sys.stderr)
         raise
     finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if bar is not None:
             bar.close()
         metrics.close()
     last_ckpt = checkpoint(step) if step > start or last_ckpt is None else last_ckpt
     seconds = time.perf_counter() - t0
-    summary = {"steps": step, "resumed_from": start, "seconds": seconds, "world_size": world, "device": device,
+    summary = {"steps": step, "resumed_from": start, "skipped_steps": skipped_total, "seconds": seconds, "world_size": world, "device": device,
                "examples_per_s": examples_per_step * (step - start) / max(seconds, 1e-9),
                "checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(out),
                "examples": len(dataset), "videos_missing_features": dataset.missing,
