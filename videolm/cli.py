@@ -467,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             DataError, TrainError, EvalError, ImporterError, VerifyError) as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if "SIGTERM" in str(exc):  # pretraining turns a scheduler's SIGTERM into an interrupt after checkpointing
+            print(f"videolm {args.command}: stopped by SIGTERM; re-run with --resume to continue", file=sys.stderr)
+            return 143
         if args.command in ("import", "eval-retrieval", "compare-runs"):  # all-or-nothing outputs
             print(f"videolm {args.command}: interrupted; nothing was written, re-run the command", file=sys.stderr)
         else:
