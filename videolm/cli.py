@@ -43,6 +43,14 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _check_root(args) -> None:
+    """--root: read the manifest once; a video path outside the folder is a ManifestError naming its line."""
+    if getattr(args, "root", None):
+        from .manifest import load_manifest
+
+        load_manifest(args.manifest, root=args.root)
+
+
 def _add_extract(sub):
     p = sub.add_parser(
         "extract", help="decode videos into clips, embed them and write HDF5 feature shards",
@@ -50,6 +58,7 @@ def _add_extract(sub):
                     "Run the same command on N machines with --num-nodes N --node-rank I (e.g. a Slurm array).",
     )
     p.add_argument("--manifest", required=True, help="manifest .jsonl (see data_manifests/README.md)")
+    p.add_argument("--root", help="refuse manifest video paths that resolve (symlinks followed) outside this folder")
     p.add_argument("--out", required=True, help="feature directory (shard_NNNNN.h5, failures.jsonl)")
     p.add_argument("--config", help="YAML file with extraction settings; flags given here override it")
     p.add_argument("--split", choices=["train", "val", "test"], help="only videos of this split")
@@ -92,6 +101,7 @@ _EXTRACT_FLAGS = ("encoder", "weights", "device", "batch_size", "fps", "frames_p
 
 
 def _cmd_extract(args) -> int:
+    _check_root(args)
     from .config import ExtractConfig, from_dict, load_yaml, to_dict
     from .extract.job import run_extract
 
@@ -215,6 +225,7 @@ def _add_pretrain(sub):
     p.add_argument("--config", help="recipe YAML (required unless --resume finds the run's own config)")
     p.add_argument("--features", required=True, help="feature directory (shards, and codebook for visual words)")
     p.add_argument("--manifest", required=True, help="manifest JSONL with timed captions")
+    p.add_argument("--root", help="refuse manifest video paths that resolve (symlinks followed) outside this folder")
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics, TensorBoard, plots")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--text-init", help="text encoder start: default (MiniLM-L6), none, or a local BERT directory "
@@ -226,6 +237,7 @@ def _add_pretrain(sub):
 
 
 def _cmd_pretrain(args) -> int:
+    _check_root(args)
     from .checkpoint import latest_checkpoint
     from .recipe import load_recipe
     from .train import run_pretrain
@@ -260,6 +272,7 @@ def _add_eval(sub):
     p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or one checkpoint dir")
     p.add_argument("--features", required=True, help="feature directory holding the split's videos")
     p.add_argument("--manifest", required=True, help="manifest JSONL with the split's captions")
+    p.add_argument("--root", help="refuse manifest video paths that resolve (symlinks followed) outside this folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
     p.add_argument("--query-mode", default="video", choices=["video", "caption"],
                    help="video: one query per video (its 'query' caption, else all captions joined); "
@@ -286,6 +299,7 @@ def _add_eval(sub):
 
 
 def _cmd_eval(args) -> int:
+    _check_root(args)
     from .eval_job import print_report, run_eval
     from .retrieval import EvalConfig
     from .search import SearchConfig

@@ -157,12 +157,21 @@ def _coerce(owner: str, name: str, ftype: str, value):
 
 
 def load_yaml(path: str | Path, cls: Type[T]) -> T:
-    with open(path, "r", encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    # safe_load only: a `!!python/object` tag is a ConstructorError (a YAMLError), never code execution.
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {_first_line(exc)}") from None
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())  # YAML errors span several lines (context, problem, mark)
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def save_yaml(cfg, path: str | Path) -> None:

@@ -217,7 +217,10 @@ def apply_overrides(cfg: PretrainConfig, overrides: list[str]) -> PretrainConfig
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        value = yaml.safe_load(text)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
         parts = key.split(".")
         if len(parts) == 1 and key == "mixing":
             for s in raw["stages"]:
