@@ -35,7 +35,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_train.py > bench_train.json
 	$(PY) benchmarks/bench_retrieval.py > bench_retrieval.json
 	$(PY) benchmarks/bench_import.py > bench_import.json
-	@echo "wrote bench_extract.json, bench_quantize.json, bench_train.json, bench_retrieval.json and bench_import.json"
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_memory.py > bench_memory.json
+	@echo "wrote bench_extract.json, bench_quantize.json, bench_train.json, bench_retrieval.json, bench_import.json and bench_memory.json"
 
 clean:
 	rm -rf $(VENV) demo_out bench_out *.egg-info bench_*.json
