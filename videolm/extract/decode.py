@@ -144,7 +144,8 @@ def _av_probe(path: str) -> _Probe:
 
     container, stream = _open_av(path)
     try:
-        width, height = stream.codec_context.width, stream.codec_context.height
+        ctx = stream.codec_context  # None when the header's codec parameters are damaged
+        width, height = (ctx.width, ctx.height) if ctx is not None else (0, 0)
         if not width or not height:
             raise DecodeError(path, "video stream has no frame size")
         tb = float(stream.time_base)
@@ -181,6 +182,15 @@ def _av_probe(path: str) -> _Probe:
             f"truncated or damaged: the container declares {declared_frames or '?'} frames / "
             f"{declared_seconds:.2f} s but only {len(pts_arr)} frames ({times[-1]:.2f} s) could be read"
             + (f" ({read_error})" if read_error else ""),
+        )
+    # A damaged index (one flipped bit in a timestamp table) can put a frame hours past
+    # the declared end: the planner would pad that span with tens of thousands of clips
+    # of one frame, and since clips keep coming the stall limit never fires.
+    if declared_seconds and float(times[-1]) - declared_seconds > max(1.0, 0.05 * declared_seconds):
+        raise DecodeError(
+            path,
+            f"damaged timestamps: frames run to {times[-1]:.2f} s but the container declares "
+            f"{declared_seconds:.2f} s",
         )
     return _Probe(times, pts_arr, width, height, tb, rate)
 
