@@ -185,3 +185,28 @@ def test_yaml_typos_are_errors(tmp_path):
     p.write_text("encoder: pixels\nshard_sise: 3\n")
     with pytest.raises(ConfigError, match="unknown key.*shard_sise"):
         load_yaml(p, ExtractConfig)
+
+
+def test_decoder_workers_are_recycled_without_changing_results(synth_dir):
+    from videolm.extract.encoders import build_encoder
+    from videolm.extract.workers import DecoderPool
+
+    entries = load_manifest(synth_dir / "manifest.jsonl")[:5]
+    spec = ExtractConfig().resolve_sampling(build_encoder("pixels", None, "cpu").default_sampling)
+
+    def decode_all(recycle_after):
+        clips = {}
+        with DecoderPool(1, "av", 0, 60.0, recycle_after=recycle_after) as pool:
+            for e in entries:
+                pool.submit(e.video_id, e.path, spec)
+                while pool.busy:
+                    for kind, vid, payload in pool.poll(1.0):
+                        assert kind != "error", payload
+                        if kind == "clips":
+                            clips[vid] = clips.get(vid, 0) + len(payload.starts)
+            return clips, pool.started
+
+    plain, started = decode_all(0)
+    recycled, started_recycled = decode_all(2)
+    assert started == 1 and started_recycled == 3  # fresh processes after videos 2 and 4
+    assert recycled == plain and len(plain) == 5
