@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -95,16 +96,22 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# Searched with a compiled pattern, not a Python loop per character: manifests hold millions of captions.
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
+_BAD_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
 def _check_text(value: str, what: str, controls: bool = False) -> None:
     """Refuse strings that cannot be written back as UTF-8 or passed to the OS / HDF5."""
-    if "\x00" in value:
+    bad = (_BAD_ID if controls else _BAD_TEXT).search(value)
+    if bad is None:
+        return
+    o = ord(bad.group())
+    if o == 0:
         raise ValueError(f"{what} contains a NUL character (\\u0000)")
-    for ch in value:
-        o = ord(ch)
-        if 0xD800 <= o <= 0xDFFF:
-            raise ValueError(f"{what} contains a lone surrogate \\u{o:04x} (not valid Unicode)")
-        if controls and (o < 0x20 or o == 0x7F):
-            raise ValueError(f"{what} contains a control character \\u{o:04x}")
+    if 0xD800 <= o <= 0xDFFF:
+        raise ValueError(f"{what} contains a lone surrogate \\u{o:04x} (not valid Unicode)")
+    raise ValueError(f"{what} contains a control character \\u{o:04x}")
 
 
 def _number(value, what: str) -> float:
