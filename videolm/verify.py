@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .extract.shards import (
-    CODEBOOK_FORMAT, CODEBOOK_NAME, FORMAT, TOKENS_FORMAT, dataset_digest, list_shards, read_checksums,
+    CODEBOOK_FORMAT, CODEBOOK_NAME, FORMAT, TOKENS_FORMAT, dataset_digest, list_shards, open_readonly, read_checksums,
     shard_name, token_path,
 )
 
@@ -81,17 +81,10 @@ class VerifyReport:
                 f"{len(self.errors)} error(s), {len(self.warnings)} warning(s): {state}")
 
 
-def _h5():
-    import h5py  # shards.py is the module that writes HDF5; verify only reads
-
-    return h5py
-
-
 def _open(path: Path, problems: list[Problem], what: str):
-    h5py = _h5()
     size = path.stat().st_size
     try:
-        return h5py.File(path, "r")
+        return open_readonly(path)  # shards.py owns the HDF5 format; verify reads through it
     except OSError as exc:
         detail = str(exc).split(";")[0][:160]
         problems.append(Problem(path.name, f"truncated or not an HDF5 file (size {size} bytes; {what}: {detail})"))

@@ -292,6 +292,14 @@ class ShardReader:
         self.close()
 
 
+def open_readonly(path: str | os.PathLike):
+    """An HDF5 file of this directory (shard, token file or codebook) opened read-only, for ``videolm verify``.
+
+    Raises OSError, as h5py does, for a truncated or non-HDF5 file; the caller closes it.
+    """
+    return h5py.File(path, "r")
+
+
 def read_shard_attrs(path: str | os.PathLike) -> dict:
     """Attributes of a finished shard, or ShardError if it cannot be read."""
     with ShardReader(path) as r:
