@@ -82,9 +82,12 @@ class QuerySet:
 
     def v2t(self) -> tuple[np.ndarray, GroundTruth]:
         """(gallery indices that have queries, their correct query indices)."""
-        queried = np.unique(self.targets)
-        lists = [np.flatnonzero(self.targets == v) for v in queried]
-        return queried, GroundTruth.from_lists(lists)
+        # One stable sort groups each video's queries (in query order); no scan per video.
+        order = np.argsort(self.targets, kind="stable")
+        queried, counts = np.unique(self.targets[order], return_counts=True)
+        indptr = np.zeros(len(queried) + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return queried, GroundTruth(indptr, order.astype(np.int64))
 
 
 def build_queries(entries: list[VideoEntry], store: FeatureStore, mode: str) -> QuerySet:
@@ -185,33 +188,37 @@ class PairEncoder:
         return self.model.encode_video(mask, video.to(self.device), None if toks is None else toks.to(self.device)), mask
 
     @torch.inference_mode()
-    def embed_texts(self, texts: list[str], progress=None) -> np.ndarray:
+    def _embed(self, items: list[str], states, pool, progress) -> np.ndarray:
         out = []
-        for a in range(0, len(texts), self.batch_size):
-            h, m = self.text_states(texts[a : a + self.batch_size])
-            out.append(self.model.text_embedding(h, m).float().cpu().numpy())
+        for a in range(0, len(items), self.batch_size):
+            h, m = states(items[a : a + self.batch_size])
+            out.append(pool(h, m).float().cpu().numpy())
             if progress is not None:
                 progress.update(len(h))
         return np.concatenate(out)
 
-    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], progress=None) -> np.ndarray:
+        return self._embed(texts, self.text_states, self.model.text_embedding, progress)
+
     def embed_videos(self, video_ids: list[str], progress=None) -> np.ndarray:
-        out = []
-        for a in range(0, len(video_ids), self.batch_size):
-            h, m = self.video_states(video_ids[a : a + self.batch_size])
-            out.append(self.model.video_embedding(h, m).float().cpu().numpy())
-            if progress is not None:
-                progress.update(len(h))
-        return np.concatenate(out)
+        return self._embed(video_ids, self.video_states, self.model.video_embedding, progress)
 
     @torch.inference_mode()
     def align_scores(self, texts: list[str], video_ids: list[str]) -> np.ndarray:
-        """Cross-encoder alignment score of each (text, video) pair."""
+        """Cross-encoder alignment score of each (text, video) pair.
+
+        Re-ranking sends each query with its K candidates, so within a batch every
+        distinct text and video is encoded once and its states repeated per pair.
+        """
         out = []
         for a in range(0, len(texts), self.batch_size):
-            th, tm = self.text_states(texts[a : a + self.batch_size])
-            vh, vm = self.video_states(video_ids[a : a + self.batch_size])
-            ct, _ = self.model.cross(th, tm, vh, vm)
+            t_uniq, t_idx = np.unique(np.asarray(texts[a : a + self.batch_size], dtype=object), return_inverse=True)
+            v_uniq, v_idx = np.unique(np.asarray(video_ids[a : a + self.batch_size], dtype=object),
+                                      return_inverse=True)
+            th, tm = self.text_states(list(t_uniq))
+            vh, vm = self.video_states(list(v_uniq))
+            t_idx, v_idx = torch.as_tensor(t_idx, device=th.device), torch.as_tensor(v_idx, device=vh.device)
+            ct, _ = self.model.cross(th[t_idx], tm[t_idx], vh[v_idx], vm[v_idx])
             out.append(self.model.align_score(ct[:, 0]).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
