@@ -314,7 +314,7 @@ def _videolm_command() -> list[str]:
 
 def long_video_memory(path: Path, work: Path, ffmpeg: str | None, backend: str) -> dict:
     """Run ``videolm extract`` on the long video in a subprocess and measure peak memory."""
-    from videolm.manifest import VideoEntry, write_manifest
+    from videolm.manifests.manifest import VideoEntry, write_manifest
 
     manifest = write_manifest([VideoEntry("long", str(path), "train", None, ())], work / "long_manifest.jsonl")
     out = work / f"long_extract_{backend}"
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     import torch
 
     from videolm.extract.encoders import PixelsEncoder
-    from videolm.manifest import VideoEntry, write_manifest
+    from videolm.manifests.manifest import VideoEntry, write_manifest
 
     backends = [b for b in args.backends.split(",") if b]
     try:

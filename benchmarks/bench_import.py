@@ -13,7 +13,7 @@ Prints ONE JSON object on stdout (progress goes to stderr).
 * ``json_load`` (baseline): ``json.load`` of the same file in a fresh subprocess: the
   standard way to read it, and what a non-streaming importer would hold in memory.
 * ``stream_parse``: only the importer's incremental parser
-  (``videolm.importers.json_stream.iter_object``) over the same file, nothing built or
+  (``videolm.manifests.importers.json_stream.iter_object``) over the same file, nothing built or
   written: the parsing share of ``import``, comparable with ``json_load``.
 
 Memory: each child writes "5" to /proc/self/clear_refs once its modules are imported,
@@ -116,9 +116,9 @@ def _status_bytes(key: str) -> int:
 
 def child(mode: str, src: str, work: str) -> dict:
     if mode == "import":
-        from videolm.importers import run_import
+        from videolm.manifests.importers import run_import
     elif mode == "stream_parse":
-        from videolm.importers.json_stream import iter_object
+        from videolm.manifests.importers.json_stream import iter_object
     reset = _reset_peak()
     rss0 = _status_bytes("VmRSS")
     t0 = time.perf_counter()

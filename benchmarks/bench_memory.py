@@ -127,8 +127,8 @@ def make_inputs(n_videos: int, distinct: int, seconds: float, work: Path) -> Pat
     """A manifest of ``n_videos`` ids, each a hard link to one of ``distinct`` short videos."""
     import dataclasses
 
-    from videolm.manifest import VideoEntry, write_manifest
-    from videolm.synthetic import make_spec, render_video
+    from videolm.manifests.manifest import VideoEntry, write_manifest
+    from videolm.manifests.synthetic import make_spec, render_video
 
     src = CACHE / f"v{GEN_VERSION}_{seconds:g}s"
     src.mkdir(parents=True, exist_ok=True)

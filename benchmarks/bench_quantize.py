@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed, quality and memory of visual-word quantisation (videolm/quantize.py).
+"""Speed, quality and memory of visual-word quantisation (videolm/quantize/kmeans.py).
 
 Prints ONE JSON object on stdout (progress goes to stderr). Everything is measured
 in the same process run, so the ratios are meaningful on a noisy machine:
@@ -92,14 +92,14 @@ def inertia_of(x: np.ndarray, centroids: np.ndarray, chunk: int = 50_000) -> flo
 
 
 def _flat_cfg(**kw):
-    from videolm.quantize import QuantizeConfig
+    from videolm.quantize.kmeans import QuantizeConfig
 
     return QuantizeConfig(k=FLAT_K, levels=1, sample=FLAT_N, normalize="none", **kw)
 
 
 def fit_timed(x: np.ndarray, backend: str, **kw) -> dict:
-    """One fit through videolm.quantize.KMEANS (as fit_codebook calls it), then its inertia (not timed)."""
-    from videolm.quantize import KMEANS
+    """One fit through videolm.quantize.kmeans.KMEANS (as fit_codebook calls it), then its inertia (not timed)."""
+    from videolm.quantize.kmeans import KMEANS
 
     cfg = _flat_cfg(backend=backend, **kw)
     c0, t0 = time.process_time(), time.perf_counter()
@@ -152,7 +152,7 @@ def accurate_curve(x: np.ndarray, niter: int) -> list[dict]:
 
 
 def flat_benchmark(sweep: bool, repeats: int) -> dict:
-    from videolm.quantize import PRESETS
+    from videolm.quantize.kmeans import PRESETS
 
     log(f"flat: generating {FLAT_N} x {FLAT_DIM} iid N(0,1)")
     x = flat_data()
@@ -283,7 +283,7 @@ def blas_contention_diagnostic(x: np.ndarray, cfg, fingerprint: str, fit_s: floa
     pool's cores on a small machine. Same codebook expected (same fingerprint)."""
     from threadpoolctl import ThreadpoolController
 
-    from videolm.quantize import fit_codebook
+    from videolm.quantize.kmeans import fit_codebook
 
     ctl = ThreadpoolController()
     numpy_blas = [lc.filepath for lc in ctl.lib_controllers if lc.user_api == "blas" and "numpy" in lc.filepath]
@@ -304,7 +304,7 @@ def blas_contention_diagnostic(x: np.ndarray, cfg, fingerprint: str, fit_s: floa
 
 
 def hierarchical_benchmark() -> dict:
-    from videolm.quantize import PRESETS, QuantizeConfig, fit_codebook, normalize_rows, word_stats
+    from videolm.quantize.kmeans import PRESETS, QuantizeConfig, fit_codebook, normalize_rows, word_stats
 
     log(f"hierarchical: generating {H_N} x {H_DIM} features")
     t0 = time.perf_counter()
@@ -392,7 +392,7 @@ def hierarchical_benchmark() -> dict:
 
 def ensure_feature_dir(root: Path) -> tuple[Path, float | None]:
     """Write the generated features as float16 shards once; reuse them when the marker matches."""
-    from videolm.extract.shards import ShardWriter, shard_name
+    from videolm.features.shards import ShardWriter, shard_name
 
     d = root / f"quantize_features_v{GEN_VERSION}"
     marker = d / "bench_features.json"
@@ -564,7 +564,7 @@ def main(argv=None) -> int:
     import sklearn
     import threadpoolctl
 
-    from videolm.quantize import PRESETS
+    from videolm.quantize.kmeans import PRESETS
 
     result: dict = {
         "benchmark": "quantize",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed of retrieval search (videolm/search.py) and of metric computation (videolm/metrics.py).
+"""Speed of retrieval search (videolm/retrieval/search.py) and of metric computation (videolm/retrieval/metrics.py).
 
 Prints ONE JSON object on stdout (progress goes to stderr). Every ratio compares
 timings taken in the same run:
@@ -33,9 +33,9 @@ import tracemalloc
 
 import numpy as np
 
-import videolm.search as vsearch
-from videolm.metrics import GroundTruth, ranks_from_scores, summarize
-from videolm.search import SearchConfig, search
+import videolm.retrieval.search as vsearch
+from videolm.retrieval.metrics import GroundTruth, ranks_from_scores, summarize
+from videolm.retrieval.search import SearchConfig, search
 
 GIB = 2**30
 SPEEDUP_TARGET, AGREEMENT_TARGET = 5.0, 0.95

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretraining throughput (videolm/train.py): the real shard loader against in-memory batches.
+"""Pretraining throughput (videolm/pretrain/trainer.py): the real shard loader against in-memory batches.
 
 Prints ONE JSON object on stdout (progress goes to stderr). Every ratio compares
 measurements taken in the same process run, so it holds on a noisy machine.
@@ -19,7 +19,7 @@ Measured, for the same model (rebuilt from the same seed for every run), the sam
 objectives, the same step seeds and the same batches:
 
 * ``loader_w<N>``: a ``torch.utils.data.DataLoader`` over ``VideoTextDataset`` with
-  ``PlannedBatches`` and ``Collator``, built exactly as ``videolm/train.py`` builds it,
+  ``PlannedBatches`` and ``Collator``, built exactly as ``videolm/pretrain/trainer.py`` builds it,
   with N workers (``--workers``, default: TrainConfig's default 2, then 0);
 * ``memory``: the same first ``warmup + steps`` batches of that plan collated into a
   list before the clock starts, then replayed.
@@ -200,8 +200,8 @@ def wait_until_quiet(max_other: float, max_wait: float) -> float:
 
 def make_data(root: Path, videos: int, shards: int, dim: int, seed: int = 0) -> dict:
     """Shards + manifest; reused when ``root`` already holds the same generated data."""
-    from videolm.extract.shards import ShardWriter, shard_name
-    from videolm.manifest import Caption, VideoEntry, write_manifest
+    from videolm.features.shards import ShardWriter, shard_name
+    from videolm.manifests.manifest import Caption, VideoEntry, write_manifest
 
     feats_dir, manifest = root / "features", root / "manifest.jsonl"
     marker = root / "bench_train_data.json"
@@ -248,7 +248,7 @@ def make_data(root: Path, videos: int, shards: int, dim: int, seed: int = 0) -> 
 
 
 def build_recipe(args):
-    from videolm.recipe import apply_overrides, load_recipe, recipe_from_dict
+    from videolm.pretrain.recipe import apply_overrides, load_recipe, recipe_from_dict
 
     path = Path(args.recipe) if args.recipe else REPO / "pipelines" / "univl.yaml"
     if path.exists():
@@ -281,8 +281,8 @@ class Trainer:
     def __init__(self, cfg, mcfg, stage, objectives, device: str):
         import torch
 
-        from videolm.model import VideoTextModel
-        from videolm.train import ObjectiveRunner, build_optimizer, lr_factor, task_key
+        from videolm.model.video_text import VideoTextModel
+        from videolm.pretrain.trainer import ObjectiveRunner, build_optimizer, lr_factor, task_key
 
         tc = cfg.train
         torch.manual_seed(tc.seed)
@@ -301,9 +301,9 @@ class Trainer:
         import torch
         import torch.nn as nn
 
-        from videolm.collate import batch_to
+        from videolm.pretrain.collate import batch_to
         from videolm.config import TrainError
-        from videolm.train import _autocast, choose_objectives, step_seed, task_key
+        from videolm.pretrain.trainer import _autocast, choose_objectives, step_seed, task_key
 
         tc, stage, device = self.cfg.train, self.stage, self.device
         t0 = time.perf_counter()
@@ -382,7 +382,7 @@ def make_loader(dataset, sampler_args, collate, workers: int, device: str):
     """The DataLoader of train._train, verbatim apart from the worker count."""
     import torch
 
-    from videolm.train import PlannedBatches
+    from videolm.pretrain.trainer import PlannedBatches
 
     sampler = PlannedBatches(*sampler_args)
     return torch.utils.data.DataLoader(
@@ -586,15 +586,15 @@ def main(argv=None) -> int:
     S.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # the parent only prepares data; see "child processes" above
 
-    from videolm.collate import Collator
-    from videolm.data import VideoTextDataset
-    from videolm.extract.shards import FeatureStore
-    from videolm.manifest import load_manifest
-    from videolm.model import resolve_model_config
-    from videolm.objectives import TextVocab, build_objective
-    from videolm.recipe import PretrainConfig, TrainConfig
-    from videolm.text import load_tokenizer, resolve_text_dir
-    from videolm.train import PlannedBatches, task_key
+    from videolm.pretrain.collate import Collator
+    from videolm.pretrain.dataset import VideoTextDataset
+    from videolm.features.shards import FeatureStore
+    from videolm.manifests.manifest import load_manifest
+    from videolm.model.video_text import resolve_model_config
+    from videolm.pretrain.objectives import TextVocab, build_objective
+    from videolm.pretrain.recipe import PretrainConfig, TrainConfig
+    from videolm.model.text import load_tokenizer, resolve_text_dir
+    from videolm.pretrain.trainer import PlannedBatches, task_key
 
     default_workers = [TrainConfig().num_workers, 0]
     workers = [int(w) for w in args.workers.split(",")] if args.workers else default_workers

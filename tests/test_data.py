@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from videolm.data import DataConfig, DataError, VideoTextDataset, caption_spans, clip_owners, merge_segments
-from videolm.extract.shards import FeatureStore, ShardWriter, shard_name
-from videolm.manifest import Caption, VideoEntry
+from videolm.pretrain.dataset import DataConfig, DataError, VideoTextDataset, caption_spans, clip_owners, merge_segments
+from videolm.features.shards import FeatureStore, ShardWriter, shard_name
+from videolm.manifests.manifest import Caption, VideoEntry
 
 STARTS = np.arange(6, dtype=float)  # six 1-second clips: [0,1) [1,2) ... [5,6)
 ENDS = STARTS + 1
@@ -108,8 +108,8 @@ def test_items_by_index_and_epoch_match_set_epoch(tmp_path):
 
 
 def test_tokens_mode_carries_visual_words(tmp_path):
-    from videolm.quantize import QuantizeConfig
-    from videolm.quantize_job import run_quantize
+    from videolm.quantize.kmeans import QuantizeConfig
+    from videolm.quantize.job import run_quantize
 
     make_store(tmp_path, [("v1", 12)]).close()
     run_quantize(tmp_path, QuantizeConfig(k=2, levels=2, sample=12, normalize="none"), progress=False)

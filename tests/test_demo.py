@@ -1,7 +1,7 @@
 import json
 
 from videolm.demo import run_demo
-from videolm.extract.shards import FeatureStore
+from videolm.features.shards import FeatureStore
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

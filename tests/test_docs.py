@@ -295,12 +295,12 @@ def _check_configs(cmd: Command, args) -> None:
 
     try:
         if args.command == "pretrain" and args.config and args.config.startswith("pipelines/"):
-            from videolm.recipe import load_recipe
+            from videolm.pretrain.recipe import load_recipe
 
             overrides = list(args.overrides) + ([f"model.text_init={args.text_init}"] if args.text_init else [])
             load_recipe(ROOT / args.config, overrides)
         elif args.command == "demo" and args.overrides:
-            from videolm.recipe import load_recipe
+            from videolm.pretrain.recipe import load_recipe
 
             load_recipe(ROOT / "pipelines" / "demo.yaml", list(args.overrides))
         elif args.command == "extract":
@@ -374,7 +374,7 @@ def test_documented_yaml_loads(block: Block, doc):
         elif block.marker == "extract-config" or "encoder" in doc:
             _check_sampling(from_dict(ExtractConfig, doc))
         elif "objectives" in doc or "stages" in doc:
-            from videolm.recipe import recipe_from_dict
+            from videolm.pretrain.recipe import recipe_from_dict
 
             recipe_from_dict(doc)
     except ConfigError as exc:
@@ -426,8 +426,8 @@ def _marked_block(name: str) -> Block:
 
 def _write_own_videos(work: Path) -> None:
     """my_videos/<id>.mp4 and my_captions.csv (video_id, caption, start, end, split), as the quickstart expects."""
-    from videolm.manifest import load_manifest
-    from videolm.synthetic import synthesize
+    from videolm.manifests.manifest import load_manifest
+    from videolm.manifests.synthetic import synthesize
 
     videos = work / "my_videos"
     videos.mkdir()
@@ -469,7 +469,7 @@ def test_quickstart_own_videos_block_runs(tmp_path):
         assert proc.returncode == 0, (f"{block.doc}: `{text}` exited {proc.returncode}\n"
                                       f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
 
-    from videolm.manifest import load_manifest
+    from videolm.manifests.manifest import load_manifest
 
     entries = load_manifest(tmp_path / "my_manifest.jsonl")
     assert len(entries) == 12 and sum(e.split == "test" for e in entries) == 4

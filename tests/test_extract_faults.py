@@ -20,10 +20,10 @@ import pytest
 
 from test_job import assert_same_shards, shard_contents
 from videolm.cli import main
-from videolm.extract.shards import FeatureStore, list_shards
-from videolm.manifest import load_manifest
-from videolm.synthetic import synthesize
-from videolm.verify import verify_directory
+from videolm.features.shards import FeatureStore, list_shards
+from videolm.manifests.manifest import load_manifest
+from videolm.manifests.synthetic import synthesize
+from videolm.features.verify import verify_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 

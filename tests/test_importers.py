@@ -7,9 +7,9 @@ import pytest
 from conftest import write_test_video
 
 from videolm.cli import main
-from videolm.importers import IMPORTERS, ImporterError, run_import
-from videolm.importers.json_stream import iter_object
-from videolm.manifest import Caption, load_manifest
+from videolm.manifests.importers import IMPORTERS, ImporterError, run_import
+from videolm.manifests.importers.json_stream import iter_object
+from videolm.manifests.manifest import Caption, load_manifest
 
 
 def make_videos(root, *names):
@@ -403,7 +403,7 @@ def test_run_import_rejects_unknown_format_and_options(tmp_path):
 
 
 def test_durations_are_parsed_and_rounded():
-    from videolm.importers.common import parse_duration
+    from videolm.manifests.importers.common import parse_duration
 
     assert parse_duration(149.44 - 137.72) == 11.72  # float subtraction noise does not reach the manifest
     assert parse_duration("PT00H01M05S") == 65.0 and parse_duration("12.5") == 12.5

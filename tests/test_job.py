@@ -16,9 +16,9 @@ from videolm.config import ExtractConfig
 from videolm.extract.decode import decode_clips
 from videolm.extract.encoders import build_encoder
 from videolm.extract.job import ExtractError, run_extract
-from videolm.extract.shards import FeatureStore, list_shards
-from videolm.manifest import VideoEntry, load_manifest, write_manifest
-from videolm.synthetic import synthesize
+from videolm.features.shards import FeatureStore, list_shards
+from videolm.manifests.manifest import VideoEntry, load_manifest, write_manifest
+from videolm.manifests.synthetic import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,8 @@ def test_nodes_split_the_shards_without_overlap(synth_dir, tmp_path):
     s0 = run_extract(manifest, tmp_path / "multi", cfg, num_nodes=2, node_rank=0, progress=False)
     assert s0.node_shards == 3 and len(list_shards(tmp_path / "multi")) == 3
     # quantising before every node has finished would fit the codebook on half the data
-    from videolm.quantize import QuantizeConfig
-    from videolm.quantize_job import QuantizeError, run_quantize
+    from videolm.quantize.kmeans import QuantizeConfig
+    from videolm.quantize.job import QuantizeError, run_quantize
 
     with pytest.raises(QuantizeError, match="3 of 5 shards are finished"):
         run_quantize(tmp_path / "multi", QuantizeConfig(k=2, levels=1), progress=False)

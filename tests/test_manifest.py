@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from videolm.manifest import Caption, ManifestError, VideoEntry, load_manifest, write_manifest
+from videolm.manifests.manifest import Caption, ManifestError, VideoEntry, load_manifest, write_manifest
 
 GOOD = {"video_id": "v1", "path": "videos/v1.mp4", "split": "train", "duration": 5.0,
         "captions": [{"start": 0.0, "end": 2.5, "text": "a 3 moves left", "kind": "caption"}]}

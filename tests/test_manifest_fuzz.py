@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from videolm.manifest import (  # noqa: E402
+from videolm.manifests.manifest import (  # noqa: E402
     CAPTION_KINDS, SPLITS, Caption, ManifestError, VideoEntry, iter_manifest, load_manifest, write_manifest,
 )
 

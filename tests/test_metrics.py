@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from videolm.metrics import (GroundTruth, bootstrap_ci, paired_bootstrap, ranks_from_scores, recall_curve,
+from videolm.retrieval.metrics import (GroundTruth, bootstrap_ci, paired_bootstrap, ranks_from_scores, recall_curve,
                              summarize)
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from videolm.config import ConfigError
-from videolm.model import ModelConfig, VideoTextModel, resolve_model_config
-from videolm.text import default_text_dir, load_tokenizer
+from videolm.model.video_text import ModelConfig, VideoTextModel, resolve_model_config
+from videolm.model.text import default_text_dir, load_tokenizer
 
 B, T, L, D = 3, 6, 7, 8
 TINY = ModelConfig(hidden=32, heads=2, text_init="none", text_layers=1, video_layers=1, cross_layers=1,

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from videolm import objectives
-from videolm.collate import Collator
+from videolm.pretrain.collate import Collator
 from videolm.config import ConfigError
-from videolm.model import MASK_VISUAL_ID, ModelConfig, VideoTextModel
-from videolm.objectives import (IGNORE, OBJECTIVES, MaskedLanguageModelling, TextVocab, build_objective,
+from videolm.model.video_text import MASK_VISUAL_ID, ModelConfig, VideoTextModel
+from videolm.pretrain.objectives import (IGNORE, OBJECTIVES, MaskedLanguageModelling, TextVocab, build_objective,
                                 sample_mask, shuffle_clips)
-from videolm.text import load_tokenizer
+from videolm.model.text import load_tokenizer
 
 FEATURE_DIM = 8
 VISUAL_WORDS = 8  # codebook size; model ids are words + 5 special ids

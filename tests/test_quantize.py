@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from videolm.extract.shards import FeatureStore, ShardError, ShardWriter, list_shards, shard_name, token_path
-from videolm.quantize import TOKEN_OFFSET, QuantizeConfig, fit_codebook, normalize_rows
-from videolm.quantize_job import QuantizeError, load_codebook, run_quantize
+from videolm.features.shards import FeatureStore, ShardError, ShardWriter, list_shards, shard_name, token_path
+from videolm.quantize.kmeans import TOKEN_OFFSET, QuantizeConfig, fit_codebook, normalize_rows
+from videolm.quantize.job import QuantizeError, load_codebook, run_quantize
 
 
 def blobs(n, dim=16, centres=40, seed=0):
@@ -154,7 +154,7 @@ def test_run_writes_tokens_beside_shards(tmp_path):
 
 
 def test_interrupted_assignment_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import videolm.quantize_job as qj
+    import videolm.quantize.job as qj
 
     ref = write_features(tmp_path / "ref")
     run_quantize(ref, CFG, progress=False)

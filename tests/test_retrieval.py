@@ -8,12 +8,12 @@ import pytest
 
 from test_train import ROOT, tiny, write_data
 from videolm.cli import main
-from videolm.extract.shards import FeatureStore
-from videolm.manifest import Caption, VideoEntry, load_manifest, write_manifest
-from videolm.metrics import GroundTruth
-from videolm.retrieval import EvalConfig, EvalError, build_queries, rerank
-from videolm.search import search
-from videolm.train import run_pretrain
+from videolm.features.shards import FeatureStore
+from videolm.manifests.manifest import Caption, VideoEntry, load_manifest, write_manifest
+from videolm.retrieval.metrics import GroundTruth
+from videolm.retrieval.evaluate import EvalConfig, EvalError, build_queries, rerank
+from videolm.retrieval.search import search
+from videolm.pretrain.trainer import run_pretrain
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_eval_bad_input_messages(run, tmp_path, capsys):
 
 
 def test_missing_test_videos_are_reported_excluded_and_counted(run, tmp_path):
-    from videolm.eval_job import run_eval
+    from videolm.retrieval.job import run_eval
 
     root, features, manifest = run
     entries = load_manifest(manifest)
@@ -153,7 +153,7 @@ def test_missing_test_videos_are_reported_excluded_and_counted(run, tmp_path):
 
 
 def test_untrained_model_is_the_same_architecture(run):
-    from videolm.eval_job import run_eval
+    from videolm.retrieval.job import run_eval
 
     root, features, manifest = run
     cfg = EvalConfig(split="train", bootstrap=50)
@@ -189,7 +189,7 @@ def test_tiny_end_to_end_beats_the_untrained_model(tmp_path, capsys):
 
 
 def test_visual_word_model_needs_a_matching_codebook(tmp_path, caplog):
-    from videolm.eval_job import run_eval
+    from videolm.retrieval.job import run_eval
 
     features, manifest = write_data(tmp_path / "q", quantize=True)
     cfg = tiny({"joint": {"weight": 1.0}}, extra=["model.video_input=tokens", "max_steps=2"])

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from videolm.config import ConfigError
-from videolm.metrics import GroundTruth, ranks_from_scores
-from videolm.search import SEARCH_MODES, SearchConfig, search
+from videolm.retrieval.metrics import GroundTruth, ranks_from_scores
+from videolm.retrieval.search import SEARCH_MODES, SearchConfig, search
 
 
 def unit(x):

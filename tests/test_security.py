@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from videolm.config import ConfigError, ExtractConfig, load_yaml
-from videolm.manifest import ManifestError, iter_manifest, load_manifest
+from videolm.manifests.manifest import ManifestError, iter_manifest, load_manifest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "videolm"
 SOURCES = sorted(p for p in PACKAGE.rglob("*.py"))
@@ -65,7 +65,7 @@ def test_python_tag_in_extract_config_is_a_config_error(tmp_path):
 
 
 def test_python_tag_in_recipe_is_a_config_error(tmp_path):
-    from videolm.recipe import load_recipe
+    from videolm.pretrain.recipe import load_recipe
 
     marker = tmp_path / "pwned"
     p = tmp_path / "recipe.yaml"
@@ -76,7 +76,7 @@ def test_python_tag_in_recipe_is_a_config_error(tmp_path):
 
 
 def test_python_tag_in_recipe_override_does_not_run(tmp_path):
-    from videolm.recipe import load_recipe
+    from videolm.pretrain.recipe import load_recipe
 
     marker = tmp_path / "pwned"
     recipe = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
@@ -86,7 +86,7 @@ def test_python_tag_in_recipe_override_does_not_run(tmp_path):
 
 
 def test_bad_yaml_in_recipe_override_is_a_config_error():
-    from videolm.recipe import load_recipe
+    from videolm.pretrain.recipe import load_recipe
 
     recipe = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -118,7 +118,7 @@ def test_unreadable_extract_config_is_a_config_error(tmp_path):
 # ------------------------------------------------------------------ (b) pickle
 
 
-PICKLE_ALLOWED = {"videolm/importers/streamed.py"}
+PICKLE_ALLOWED = {"videolm/manifests/importers/streamed.py"}
 
 
 def test_pickle_is_used_only_by_the_howto100m_importer():
@@ -145,7 +145,7 @@ class _Boom:
 @pytest.mark.parametrize("name", ["caption.pickle", "caption.json"])  # detected by content as well as by name
 def test_malicious_pickle_is_refused_without_trust_pickle(tmp_path, monkeypatch, name):
     # The benign case, and that --trust-pickle then loads it: tests/test_importers.py::test_howto100m_pickle_needs_trust
-    from videolm.importers import ImporterError, run_import
+    from videolm.manifests.importers import ImporterError, run_import
 
     marker = tmp_path / "pwned"
     monkeypatch.setenv("VIDEOLM_TEST_MARKER", str(marker))
@@ -181,7 +181,7 @@ def test_every_torch_load_states_weights_only():
     assert all(w != "MISSING" for _, _, w in calls), [c for c in calls if c[2] == "MISSING"]
     unsafe = [c for c in calls if c[2] is not True]
     # checkpoint.py's trainer state (optimizer, RNG states) is the one exception, being moved to weights_only=True.
-    assert all(f == "videolm/checkpoint.py" for f, _, _ in unsafe), unsafe
+    assert all(f == "videolm/pretrain/checkpoint.py" for f, _, _ in unsafe), unsafe
 
 
 # ------------------------------------------------------------------ (d) --root

@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from videolm.extract.shards import (
+from videolm.features.shards import (
     FeatureStore, ShardError, ShardReader, ShardWriter, list_shards, remove_partials, shard_name,
 )
 

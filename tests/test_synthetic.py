@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from videolm.manifest import load_manifest
-from videolm.synthetic import (
+from videolm.manifests.manifest import load_manifest
+from videolm.manifests.synthetic import (
     DIRECTIONS,
     FRAME_RATES,
     PALETTE,

@@ -11,12 +11,12 @@ import pytest
 
 from videolm.cli import main
 from videolm.config import ConfigError
-from videolm.data import DataError
-from videolm.extract.shards import ShardWriter, shard_name
-from videolm.manifest import Caption, VideoEntry, write_manifest
-from videolm.recipe import apply_overrides, load_recipe, recipe_from_dict
-from videolm.train import PlannedBatches, lr_factor, run_pretrain
-from videolm.train_logging import read_metrics
+from videolm.pretrain.dataset import DataError
+from videolm.features.shards import ShardWriter, shard_name
+from videolm.manifests.manifest import Caption, VideoEntry, write_manifest
+from videolm.pretrain.recipe import apply_overrides, load_recipe, recipe_from_dict
+from videolm.pretrain.trainer import PlannedBatches, lr_factor, run_pretrain
+from videolm.pretrain.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["red", "blue", "green", "left", "right", "up", "down", "seven", "two", "moves"]
@@ -49,8 +49,8 @@ def write_data(root: Path, n_videos=16, dim=8, quantize=True, seed=0) -> tuple[P
         w.finish()
     manifest = write_manifest(entries, root / "manifest.jsonl")
     if quantize:
-        from videolm.quantize import QuantizeConfig
-        from videolm.quantize_job import run_quantize
+        from videolm.quantize.kmeans import QuantizeConfig
+        from videolm.quantize.job import run_quantize
 
         run_quantize(features, QuantizeConfig(k=4, levels=1, sample=1000), progress=False)
     return features, manifest
@@ -137,7 +137,7 @@ def test_run_writes_checkpoints_metrics_and_plots(data, tmp_path):
 def test_load_pretrained_restores_the_trained_model(data, tmp_path):
     import torch
 
-    from videolm.checkpoint import load_pretrained
+    from videolm.pretrain.checkpoint import load_pretrained
 
     features, manifest = data
     run = tmp_path / "run"
@@ -151,7 +151,7 @@ def test_load_pretrained_restores_the_trained_model(data, tmp_path):
 
 def test_resume_after_interrupt_gives_the_same_losses(data, tmp_path, monkeypatch):
     """Stop after the step-3 checkpoint (as Ctrl-C would), resume, and compare with an uninterrupted run."""
-    import videolm.train as train
+    import videolm.pretrain.trainer as train
 
     features, manifest = data
     # sampled tasks, dropout, masks and shuffles all draw random numbers: all must replay identically
@@ -266,7 +266,7 @@ def test_bad_inputs_have_clear_messages(data, tmp_path, caplog):
         run_pretrain(tiny({"mvm": {}}), plain, plain_manifest, tmp_path / "b", progress=False)
     # a manifest naming videos that have no features: skipped with a count, an error only if none match
     extra = [VideoEntry(f"gone{i}", "x.mp4", "train", 5.0, (Caption(0, 2, "red"),)) for i in range(3)]
-    from videolm.manifest import load_manifest
+    from videolm.manifests.manifest import load_manifest
 
     mixed = write_manifest(load_manifest(manifest) + extra, tmp_path / "mixed.jsonl")
     summary = run_pretrain(tiny({"joint": {}}, extra=["max_steps=1"]), features, mixed, tmp_path / "c",
@@ -335,10 +335,10 @@ def _ddp_joint_grads(rank, world, init_file, out_file):
 def _joint_setup():
     import torch
 
-    from videolm.collate import Collator
-    from videolm.model import ModelConfig, VideoTextModel
-    from videolm.objectives import JointContrastive, TextVocab
-    from videolm.text import load_tokenizer
+    from videolm.pretrain.collate import Collator
+    from videolm.model.video_text import ModelConfig, VideoTextModel
+    from videolm.pretrain.objectives import JointContrastive, TextVocab
+    from videolm.model.text import load_tokenizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -363,7 +363,7 @@ def _slice_batch(batch, a, b):
 
 
 def _runner(model, objective):
-    from videolm.train import ObjectiveRunner
+    from videolm.pretrain.trainer import ObjectiveRunner
 
     return ObjectiveRunner(model, {"joint": objective})
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import videolm.train as train
-from videolm.checkpoint import latest_checkpoint, load_pretrained, load_trainer_state
+import videolm.pretrain.trainer as train
+from videolm.pretrain.checkpoint import latest_checkpoint, load_pretrained, load_trainer_state
 from videolm.config import TrainError
-from videolm.recipe import load_recipe
-from videolm.train import run_pretrain
-from videolm.train_logging import read_metrics
+from videolm.pretrain.recipe import load_recipe
+from videolm.pretrain.trainer import run_pretrain
+from videolm.pretrain.metrics_log import read_metrics
 
 from test_train import TINY_OVERRIDES, losses, tiny, write_data
 
@@ -70,7 +70,7 @@ def test_nan_loss_steps_are_skipped_and_training_goes_on(data, tmp_path, monkeyp
     seen = []
     poison_objectives(monkeypatch, {2, 3}, seen=seen)  # steps 3 and 4
     run = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="videolm.train"):
+    with caplog.at_level(logging.WARNING, logger="videolm.pretrain.trainer"):
         summary = run_pretrain(tiny({"joint": {}}, extra=["max_steps=6", "checkpoint_every=3"]), features, manifest,
                                run, progress=False)
     assert summary["steps"] == 6 and summary["skipped_steps"] == 2
@@ -92,7 +92,7 @@ def test_non_finite_gradient_with_finite_loss_is_a_bad_step(data, tmp_path, monk
     features, manifest = data
     poison_objectives(monkeypatch, {1}, how="grad")
     run = tmp_path / "run"
-    with caplog.at_level(logging.WARNING, logger="videolm.train"):
+    with caplog.at_level(logging.WARNING, logger="videolm.pretrain.trainer"):
         summary = run_pretrain(tiny({"joint": {}}, extra=["grad_clip=0"]), features, manifest, run, progress=False)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 4
     assert any("step 2: gradient norm is nan with a finite loss" in r.getMessage() for r in caplog.records)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from videolm.train_logging import MetricsLogger, plot_losses, read_metrics
+from videolm.pretrain.metrics_log import MetricsLogger, plot_losses, read_metrics
 
 
 def _steps(n, start=0):
@@ -117,7 +117,7 @@ def test_tensorboard_scalars(tmp_path):
 
 def test_missing_tensorboard_warns_and_continues(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    with caplog.at_level(logging.WARNING, logger="videolm.train"):
+    with caplog.at_level(logging.WARNING, logger="videolm.pretrain.trainer"):
         logger = MetricsLogger(tmp_path)
     assert "TensorBoard logging disabled" in caplog.text
     logger.log(0, {"loss": 1.0})

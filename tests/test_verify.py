@@ -10,13 +10,13 @@ from test_job import assert_same_shards, shard_contents
 from videolm.cli import main
 from videolm.config import ExtractConfig
 from videolm.extract.job import run_extract
-from videolm.extract.shards import (
+from videolm.features.shards import (
     FeatureStore, ShardError, ShardReader, dataset_digest, read_checksums, shard_name, token_path,
 )
-from videolm.quantize import QuantizeConfig
-from videolm.quantize_job import run_quantize
-from videolm.synthetic import synthesize
-from videolm.verify import check_shard, verify_directory
+from videolm.quantize.kmeans import QuantizeConfig
+from videolm.quantize.job import run_quantize
+from videolm.manifests.synthetic import synthesize
+from videolm.features.verify import check_shard, verify_directory
 
 QCFG = QuantizeConfig(k=2, levels=2, sample=1000)
 

@@ -29,9 +29,9 @@ import pytest
 from conftest import shared_videos
 from videolm.config import ExtractConfig
 from videolm.extract.job import run_extract
-from videolm.extract.shards import ShardReader, list_shards
-from videolm.manifest import VideoEntry, load_manifest, write_manifest
-from videolm.synthetic import synthesize
+from videolm.features.shards import ShardReader, list_shards
+from videolm.manifests.manifest import VideoEntry, load_manifest, write_manifest
+from videolm.manifests.synthetic import synthesize
 
 SEED = 20240611
 TIMEOUT = 10.0  # per-video stall limit for these runs

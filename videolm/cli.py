@@ -34,7 +34,7 @@ def _add_synth(sub):
 
 
 def _cmd_synth(args) -> int:
-    from .synthetic import synthesize
+    from .manifests.synthetic import synthesize
 
     t0 = time.monotonic()
     manifest = synthesize(args.out, args.videos, args.seed, split=args.split, id_prefix=args.id_prefix,
@@ -46,7 +46,7 @@ def _cmd_synth(args) -> int:
 def _check_root(args) -> None:
     """--root: read the manifest once; a video path outside the folder is a ManifestError naming its line."""
     if getattr(args, "root", None):
-        from .manifest import load_manifest
+        from .manifests.manifest import load_manifest
 
         load_manifest(args.manifest, root=args.root)
 
@@ -147,8 +147,8 @@ def _add_quantize(sub):
 
 
 def _cmd_quantize(args) -> int:
-    from .quantize import PRESETS, QuantizeConfig
-    from .quantize_job import run_quantize, summary_lines
+    from .quantize.kmeans import PRESETS, QuantizeConfig
+    from .quantize.job import run_quantize, summary_lines
 
     preset = PRESETS[args.preset]
     cfg = QuantizeConfig(
@@ -184,7 +184,7 @@ def _add_verify(sub):
 
 
 def _cmd_verify(args) -> int:
-    from .verify import repair_directory, verify_directory
+    from .features.verify import repair_directory, verify_directory
 
     if not args.repair:
         report = verify_directory(args.dir)
@@ -238,9 +238,9 @@ def _add_pretrain(sub):
 
 def _cmd_pretrain(args) -> int:
     _check_root(args)
-    from .checkpoint import latest_checkpoint
-    from .recipe import load_recipe
-    from .train import run_pretrain
+    from .pretrain.checkpoint import latest_checkpoint
+    from .pretrain.recipe import load_recipe
+    from .pretrain.trainer import run_pretrain
 
     overrides = list(args.overrides) + ([f"model.text_init={args.text_init}"] if args.text_init else [])
     config = args.config
@@ -300,9 +300,9 @@ def _add_eval(sub):
 
 def _cmd_eval(args) -> int:
     _check_root(args)
-    from .eval_job import print_report, run_eval
-    from .retrieval import EvalConfig
-    from .search import SearchConfig
+    from .retrieval.job import print_report, run_eval
+    from .retrieval.evaluate import EvalConfig
+    from .retrieval.search import SearchConfig
 
     search = SearchConfig(mode=args.search, k=args.search_k, nprobe=args.nprobe, ef_search=args.ef_search,
                           dsl=args.dsl)
@@ -336,7 +336,7 @@ def _add_compare(sub):
 
 
 def _cmd_compare(args) -> int:
-    from .eval_job import compare_runs
+    from .retrieval.job import compare_runs
 
     table, _ = compare_runs(Path(args.report_a), Path(args.report_b), n_boot=args.bootstrap, seed=args.seed)
     print(table)
@@ -422,7 +422,7 @@ def _add_import(sub):
 
 
 def _cmd_import(args) -> int:
-    from .importers import run_import
+    from .manifests.importers import run_import
 
     options = {k: getattr(args, k) for k in args.import_options}
     summary = run_import(args.format, Path(args.out), Path(args.videos), keep_missing=args.keep_missing,
@@ -466,14 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     from .extract.decode import DecodeError
     from .extract.encoders import EncoderError
     from .extract.job import ExtractError
-    from .extract.shards import ShardError
-    from .manifest import ManifestError
-    from .quantize_job import QuantizeError
+    from .features.shards import ShardError
+    from .manifests.manifest import ManifestError
+    from .quantize.job import QuantizeError
     from .config import TrainError
-    from .data import DataError
-    from .retrieval import EvalError
-    from .importers import ImporterError
-    from .verify import VerifyError
+    from .pretrain.dataset import DataError
+    from .retrieval.evaluate import EvalError
+    from .manifests.importers import ImporterError
+    from .features.verify import VerifyError
 
     try:
         return args.func(args)

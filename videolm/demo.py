@@ -24,12 +24,12 @@ import numpy as np
 
 from .config import ConfigError, ExtractConfig, save_yaml
 from .extract.job import run_extract
-from .extract.shards import FeatureStore
-from .manifest import load_manifest, write_manifest
-from .quantize import QuantizeConfig
-from .quantize_job import run_quantize, summary_lines
-from .synthetic import synthesize
-from .train_logging import read_metrics
+from .features.shards import FeatureStore
+from .manifests.manifest import load_manifest, write_manifest
+from .quantize.kmeans import QuantizeConfig
+from .quantize.job import run_quantize, summary_lines
+from .manifests.synthetic import synthesize
+from .pretrain.metrics_log import read_metrics
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 STEPS = 5
@@ -78,9 +78,9 @@ def run_demo(out: Path, train_videos: int = 800, test_videos: int = 200, seed: i
     if not DEMO_RECIPE.exists():
         raise ConfigError(f"demo recipe not found at {DEMO_RECIPE}; run the demo from a source checkout "
                           "(pip install -e .)")
-    from .checkpoint import latest_checkpoint
-    from .recipe import load_recipe
-    from .train import run_pretrain
+    from .pretrain.checkpoint import latest_checkpoint
+    from .pretrain.recipe import load_recipe
+    from .pretrain.trainer import run_pretrain
 
     run_dir = out / "pretrain"
     recipe = load_recipe(DEMO_RECIPE, list(train_overrides))
@@ -136,9 +136,9 @@ def run_demo(out: Path, train_videos: int = 800, test_videos: int = 200, seed: i
 
 def evaluate_demo(run_dir: Path, features: Path, manifest: Path, eval_dir: Path) -> dict:
     """Reports for the pretrained model, its untrained twin and the TF-IDF baseline on the test split."""
-    from .baselines import TfidfRidge, pooled_features, training_pairs
-    from .eval_job import make_report, plot_recall, rankings_rows, run_eval, split_entries, write_outputs
-    from .retrieval import EvalConfig, build_queries, evaluate_embeddings
+    from .retrieval.baselines import TfidfRidge, pooled_features, training_pairs
+    from .retrieval.job import make_report, plot_recall, rankings_rows, run_eval, split_entries, write_outputs
+    from .retrieval.evaluate import EvalConfig, build_queries, evaluate_embeddings
 
     cfg = EvalConfig(split="test")
     reports = {}
@@ -168,8 +168,8 @@ def evaluate_demo(run_dir: Path, features: Path, manifest: Path, eval_dir: Path)
 
 def retrieval_table(reports: dict) -> str:
     """Text-to-video table on the test split, with each baseline's paired bootstrap test against the first row."""
-    from .eval_job import format_p, paired_ranks
-    from .metrics import paired_bootstrap
+    from .retrieval.job import format_p, paired_ranks
+    from .retrieval.metrics import paired_bootstrap
 
     names = list(reports)
     first = reports[names[0]]

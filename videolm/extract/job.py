@@ -30,8 +30,8 @@ import numpy as np
 
 from .. import __version__
 from ..config import ExtractConfig, SamplingSpec, to_dict
-from ..manifest import VideoEntry, load_manifest
-from .shards import (
+from ..manifests.manifest import VideoEntry, load_manifest
+from ..features.shards import (
     ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials, shard_name,
     writer_tag,
 )

@@ -35,7 +35,7 @@ import zlib
 import numpy as np
 import torch
 
-from .quantize import TOKEN_OFFSET
+from ..quantize.kmeans import TOKEN_OFFSET
 
 
 class Collator:

@@ -48,18 +48,18 @@ import torch.nn as nn
 
 from .checkpoint import latest_checkpoint, load_run_config, load_trainer_state, save_checkpoint, set_rng_state
 from .collate import Collator, batch_to
-from .config import ConfigError, TrainError
-from .data import VideoTextDataset
+from ..config import ConfigError, TrainError
+from .dataset import VideoTextDataset
 from .distributed import all_reduce_mean, barrier, init_distributed, rank_and_world, shutdown_distributed
-from .extract.shards import FeatureStore
-from .manifest import load_manifest
-from .model import VideoTextModel, resolve_model_config
+from ..features.shards import FeatureStore
+from ..manifests.manifest import load_manifest
+from ..model.video_text import VideoTextModel, resolve_model_config
 from .objectives import OBJECTIVES, TextVocab, build_objective
 from .recipe import PretrainConfig, recipe_to_dict, save_recipe
-from .text import load_tokenizer, resolve_text_dir
-from .train_logging import MetricsLogger
+from ..model.text import load_tokenizer, resolve_text_dir
+from .metrics_log import MetricsLogger
 
-log = logging.getLogger("videolm.train")
+log = logging.getLogger("videolm.pretrain.trainer")
 
 # Settings that may change when a run is resumed (they do not alter what has been learned so far).
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",

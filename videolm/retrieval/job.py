@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .config import ConfigError
-from .extract.shards import FeatureStore
-from .manifest import SPLITS, load_manifest
+from .. import __version__
+from ..config import ConfigError
+from ..features.shards import FeatureStore
+from ..manifests.manifest import SPLITS, load_manifest
 from .metrics import paired_bootstrap, recall_curve
-from .retrieval import (DIRECTIONS, EvalConfig, EvalError, PairEncoder, QuerySet, build_queries,
+from .evaluate import (DIRECTIONS, EvalConfig, EvalError, PairEncoder, QuerySet, build_queries,
                         evaluate_embeddings, rankings_rows)
 
 log = logging.getLogger("videolm.eval")
@@ -144,8 +144,8 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
              rankings: Path | None = None, plot: Path | None = None, progress: bool = True,
              untrained: bool = False) -> dict:
     """Evaluate a checkpoint (or, with ``untrained``, its architecture at initialisation) and write outputs."""
-    from .checkpoint import latest_checkpoint, load_pretrained
-    from .model import VideoTextModel
+    from ..pretrain.checkpoint import latest_checkpoint, load_pretrained
+    from ..model.video_text import VideoTextModel
 
     model, tokenizer, run_cfg = load_pretrained(checkpoint, cfg.device)
     ckpt = latest_checkpoint(checkpoint)

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError
-from .extract.shards import FeatureStore
-from .manifest import Caption, VideoEntry
+from ..config import ConfigError
+from ..features.shards import FeatureStore
+from ..manifests.manifest import Caption, VideoEntry
 
-log = logging.getLogger("videolm.data")
+log = logging.getLogger("videolm.pretrain.dataset")
 MODES = ("segment", "video", "tokens")
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .extract.shards import FeatureStore
-from .manifest import VideoEntry
-from .retrieval import DESCRIPTION_KINDS
+from ..features.shards import FeatureStore
+from ..manifests.manifest import VideoEntry
+from .evaluate import DESCRIPTION_KINDS
 
 
 def pooled_features(store: FeatureStore, video_ids: list[str]) -> np.ndarray:

@@ -28,7 +28,7 @@ import math
 import os
 from pathlib import Path
 
-log = logging.getLogger("videolm.train")
+log = logging.getLogger("videolm.pretrain.trainer")
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .config import ConfigError, TrainError
+from .. import __version__
+from ..config import ConfigError, TrainError
 from .recipe import PretrainConfig, load_recipe, save_recipe
 
 LATEST = "latest"
@@ -148,8 +148,8 @@ def load_trainer_state(ckpt: Path, map_location="cpu") -> dict:
 
 def load_pretrained(path: str | os.PathLike, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run directory or one checkpoint directory."""
-    from .model import VideoTextModel
-    from .text import load_tokenizer
+    from ..model.video_text import VideoTextModel
+    from ..model.text import load_tokenizer
 
     ckpt = latest_checkpoint(path)
     if ckpt is None:

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .config import to_dict
-from .extract.shards import (
+from .. import __version__
+from ..config import to_dict
+from ..features.shards import (
     CODEBOOK_NAME, ShardError, ShardReader, check_same_config, config_key, list_shards, partial_name,
     read_codebook, read_codebook_attrs, read_token_attrs, read_token_file, token_path, write_codebook,
     write_token_file,
 )
-from .quantize import SPECIAL_TOKENS, TOKEN_OFFSET, Codebook, QuantizeConfig, fit_codebook, normalize_rows, word_stats
+from .kmeans import SPECIAL_TOKENS, TOKEN_OFFSET, Codebook, QuantizeConfig, fit_codebook, normalize_rows, word_stats
 
-log = logging.getLogger("videolm.quantize")
+log = logging.getLogger("videolm.quantize.kmeans")
 
 
 class QuantizeError(RuntimeError):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
-log = logging.getLogger("videolm.text")
+log = logging.getLogger("videolm.model.text")
 
 
 def default_text_dir() -> Path:

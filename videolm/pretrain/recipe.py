@@ -30,9 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, from_dict
-from .data import DataConfig
-from .model import ModelConfig
+from ..config import ConfigError, from_dict
+from .dataset import DataConfig
+from ..model.video_text import ModelConfig
 from .objectives import OBJECTIVES
 
 MIXING = ("sum", "sample")

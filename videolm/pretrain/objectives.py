@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
+from ..config import ConfigError
 from .distributed import gather_keys, gather_with_grad
-from .model import MASK_VISUAL_ID, masked_mean
+from ..model.video_text import MASK_VISUAL_ID, masked_mean
 
 IGNORE = -100
 

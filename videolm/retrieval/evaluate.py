@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import ConfigError
-from .extract.shards import FeatureStore
-from .manifest import VideoEntry
+from ..config import ConfigError
+from ..features.shards import FeatureStore
+from ..manifests.manifest import VideoEntry
 from .metrics import GroundTruth, bootstrap_ci, rank_and_ties, summarize
-from .quantize import TOKEN_OFFSET
+from ..quantize.kmeans import TOKEN_OFFSET
 from .search import SearchConfig, SearchResult, returned_hits, search
 
-log = logging.getLogger("videolm.retrieval")
+log = logging.getLogger("videolm.retrieval.evaluate")
 QUERY_MODES = ("video", "caption")
 DESCRIPTION_KINDS = (None, "caption")
 DIRECTIONS = ("t2v", "v2t")

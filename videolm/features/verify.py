@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .extract.shards import (
+from .shards import (
     CODEBOOK_FORMAT, CODEBOOK_NAME, FORMAT, TOKENS_FORMAT, dataset_digest, list_shards, open_readonly, read_checksums,
     shard_name, token_path,
 )
@@ -137,7 +137,7 @@ def check_shard(path: Path, manifest_sha: str | None = None) -> tuple[list[Probl
                 problems.append(Problem(name, f"dataset {key} unreadable ({str(exc)[:120]})"))
         if len(values) < len(_SHARD_DATASETS):
             return problems, None
-        from .extract.shards import _decode_str
+        from .shards import _decode_str
 
         ids = _decode_str(values["index/video_id"])
         offsets = values["index/offset"].astype(np.int64)
@@ -343,7 +343,7 @@ def read_extract_config(d: Path) -> dict | None:
 
 def recorded_extract_config(directory: str | os.PathLike, workers: int | None = None):
     """The ExtractConfig the directory was written with (extract_config.json + a readable shard's config)."""
-    from .config import ExtractConfig, from_dict
+    from ..config import ExtractConfig, from_dict
 
     d = Path(directory)
     recorded = read_extract_config(d)
@@ -386,7 +386,7 @@ def repair_directory(directory: str | os.PathLike, manifest: str | os.PathLike |
     if before.ok:
         return result
     if before.broken_shards:
-        from .extract.job import file_sha256, run_extract
+        from ..extract.job import file_sha256, run_extract
 
         if manifest is None:
             raise VerifyError("--repair must re-extract "
@@ -418,10 +418,10 @@ def repair_directory(directory: str | os.PathLike, manifest: str | os.PathLike |
 
 def _retokenise(d: Path, result: RepairResult) -> bool:
     """Rewrite missing token files with the existing codebook (same settings: nothing is refitted)."""
-    from .config import from_dict
-    from .extract.shards import ShardError, read_codebook_attrs
-    from .quantize import QuantizeConfig
-    from .quantize_job import QuantizeError, run_quantize
+    from ..config import from_dict
+    from .shards import ShardError, read_codebook_attrs
+    from ..quantize.kmeans import QuantizeConfig
+    from ..quantize.job import QuantizeError, run_quantize
 
     try:
         attrs = read_codebook_attrs(d / CODEBOOK_NAME)
