@@ -213,7 +213,7 @@ def iter_clips_decode(path: Path, spec, backend: str):
 
 
 def pipeline_run(manifest: Path, out_root: Path, backend: str, workers: int, tag: str):
-    from videolm.config import ExtractConfig
+    from videolm.extract.config import ExtractConfig
     from videolm.extract.job import run_extract
 
     out = out_root / tag

@@ -159,7 +159,7 @@ def make_inputs(n_videos: int, distinct: int, seconds: float, work: Path) -> Pat
 
 def child_run(args) -> dict:
     """Run the job in this process and return its samples (called in a fresh child)."""
-    from videolm.config import ExtractConfig
+    from videolm.extract.config import ExtractConfig
     from videolm.extract import job
 
     me = os.getpid()

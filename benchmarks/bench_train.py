@@ -302,7 +302,7 @@ class Trainer:
         import torch.nn as nn
 
         from videolm.pretrain.collate import batch_to
-        from videolm.config import TrainError
+        from videolm.errors import TrainError
         from videolm.pretrain.trainer import _autocast, choose_objectives, step_seed, task_key
 
         tc, stage, device = self.cfg.train, self.stage, self.device

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import requires_shared, shared_videos, write_audio_only, write_test_video
-from videolm.config import SamplingSpec
+from videolm.extract.config import SamplingSpec
 from videolm.extract.decode import DecodeError, decode_clips, iter_clips, output_size, plan_clips
 
 BACKENDS = ["av", "decord"]

@@ -291,7 +291,7 @@ def _check_sampling(cfg) -> None:
 
 def _check_configs(cmd: Command, args) -> None:
     """Recipes with their overrides, and extraction configs with their flags, load."""
-    from videolm.config import ConfigError
+    from videolm.errors import ConfigError
 
     try:
         if args.command == "pretrain" and args.config and args.config.startswith("pipelines/"):
@@ -305,7 +305,8 @@ def _check_configs(cmd: Command, args) -> None:
             load_recipe(ROOT / "pipelines" / "demo.yaml", list(args.overrides))
         elif args.command == "extract":
             from videolm.cli import _EXTRACT_FLAGS
-            from videolm.config import ExtractConfig, from_dict, load_yaml, to_dict
+            from videolm.extract.config import ExtractConfig
+            from videolm.config import from_dict, load_yaml, to_dict
 
             base = ExtractConfig()
             if args.config and args.config.startswith("pipelines/"):
@@ -366,7 +367,9 @@ def test_documented_yaml_loads(block: Block, doc):
     assert doc is not None, f"{where}: invalid YAML"
     if not isinstance(doc, dict):
         return
-    from videolm.config import ConfigError, ExtractConfig, from_dict
+    from videolm.errors import ConfigError
+    from videolm.extract.config import ExtractConfig
+    from videolm.config import from_dict
 
     try:
         if doc.get("kind") == "Job":

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import write_audio_only
 from videolm.cli import main
-from videolm.config import ExtractConfig
+from videolm.extract.config import ExtractConfig
 from videolm.extract.decode import decode_clips
 from videolm.extract.encoders import build_encoder
 from videolm.extract.job import ExtractError, run_extract
@@ -179,7 +179,8 @@ def test_pipeline_yaml_configs_load():
 
 
 def test_yaml_typos_are_errors(tmp_path):
-    from videolm.config import ConfigError, load_yaml
+    from videolm.errors import ConfigError
+    from videolm.config import load_yaml
 
     p = tmp_path / "c.yaml"
     p.write_text("encoder: pixels\nshard_sise: 3\n")

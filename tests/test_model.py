@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from videolm.config import ConfigError
+from videolm.errors import ConfigError
 from videolm.model.video_text import ModelConfig, VideoTextModel, resolve_model_config
 from videolm.model.text import default_text_dir, load_tokenizer
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from videolm import objectives
 from videolm.pretrain.collate import Collator
-from videolm.config import ConfigError
+from videolm.errors import ConfigError
 from videolm.model.video_text import MASK_VISUAL_ID, ModelConfig, VideoTextModel
 from videolm.pretrain.objectives import (IGNORE, OBJECTIVES, MaskedLanguageModelling, TextVocab, build_objective,
                                 sample_mask, shuffle_clips)

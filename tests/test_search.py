@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from videolm.config import ConfigError
+from videolm.errors import ConfigError
 from videolm.retrieval.metrics import GroundTruth, ranks_from_scores
 from videolm.retrieval.search import SEARCH_MODES, SearchConfig, search
 

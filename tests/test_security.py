@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from videolm.config import ConfigError, ExtractConfig, load_yaml
+from videolm.errors import ConfigError
+from videolm.extract.config import ExtractConfig
+from videolm.config import load_yaml
 from videolm.manifests.manifest import ManifestError, iter_manifest, load_manifest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "videolm"
@@ -132,7 +134,7 @@ def test_pickle_is_used_only_by_the_howto100m_importer():
 
 def test_shard_and_codebook_metadata_are_json():
     # h5py never pickles; what is not an array is stored as a JSON string attribute.
-    for rel in ("extract/shards.py", "quantize_job.py"):
+    for rel in ("features/shards.py", "quantize/job.py"):
         text = _source(PACKAGE / rel)
         assert "json.dumps" in text and "pickle" not in text, rel
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from videolm.cli import main
-from videolm.config import ConfigError
+from videolm.errors import ConfigError
 from videolm.pretrain.dataset import DataError
 from videolm.features.shards import ShardWriter, shard_name
 from videolm.manifests.manifest import Caption, VideoEntry, write_manifest

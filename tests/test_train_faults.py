@@ -17,7 +17,7 @@ import torch
 
 import videolm.pretrain.trainer as train
 from videolm.pretrain.checkpoint import latest_checkpoint, load_pretrained, load_trainer_state
-from videolm.config import TrainError
+from videolm.errors import TrainError
 from videolm.pretrain.recipe import load_recipe
 from videolm.pretrain.trainer import run_pretrain
 from videolm.pretrain.metrics_log import read_metrics

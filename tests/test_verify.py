@@ -8,7 +8,7 @@ import pytest
 
 from test_job import assert_same_shards, shard_contents
 from videolm.cli import main
-from videolm.config import ExtractConfig
+from videolm.extract.config import ExtractConfig
 from videolm.extract.job import run_extract
 from videolm.features.shards import (
     FeatureStore, ShardError, ShardReader, dataset_digest, read_checksums, shard_name, token_path,

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_videos
-from videolm.config import ExtractConfig
+from videolm.extract.config import ExtractConfig
 from videolm.extract.job import run_extract
 from videolm.features.shards import ShardReader, list_shards
 from videolm.manifests.manifest import VideoEntry, load_manifest, write_manifest

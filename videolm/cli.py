@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .errors import ConfigError, Terminated, VideolmError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
@@ -102,7 +103,8 @@ _EXTRACT_FLAGS = ("encoder", "weights", "device", "batch_size", "fps", "frames_p
 
 def _cmd_extract(args) -> int:
     _check_root(args)
-    from .config import ExtractConfig, from_dict, load_yaml, to_dict
+    from .extract.config import ExtractConfig
+    from .config import from_dict, load_yaml, to_dict
     from .extract.job import run_extract
 
     base = load_yaml(args.config, ExtractConfig) if args.config else ExtractConfig()
@@ -247,8 +249,6 @@ def _cmd_pretrain(args) -> int:
     if config is None:
         ckpt = latest_checkpoint(args.out) if args.resume and Path(args.out).exists() else None
         if ckpt is None:
-            from .config import ConfigError
-
             raise ConfigError("--config is required (no checkpoint to resume from in --out)")
         config = ckpt / "config.yaml"
     cfg = load_recipe(config, overrides)
@@ -462,29 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    from .config import ConfigError
-    from .extract.decode import DecodeError
-    from .extract.encoders import EncoderError
-    from .extract.job import ExtractError
-    from .features.shards import ShardError
-    from .manifests.manifest import ManifestError
-    from .quantize.job import QuantizeError
-    from .config import TrainError
-    from .pretrain.dataset import DataError
-    from .retrieval.evaluate import EvalError
-    from .manifests.importers import ImporterError
-    from .features.verify import VerifyError
-
     try:
         return args.func(args)
-    except (ManifestError, ConfigError, EncoderError, ExtractError, ShardError, DecodeError, QuantizeError,
-            DataError, TrainError, EvalError, ImporterError, VerifyError) as exc:
+    except VideolmError as exc:
         print(f"videolm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt as exc:
-        if "SIGTERM" in str(exc):  # pretraining turns a scheduler's SIGTERM into an interrupt after checkpointing
-            print(f"videolm {args.command}: stopped by SIGTERM; re-run with --resume to continue", file=sys.stderr)
-            return 143
+    except Terminated:  # pretraining turns a scheduler's SIGTERM into this after checkpointing
+        print(f"videolm {args.command}: stopped by SIGTERM; re-run with --resume to continue", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
         if args.command in ("import", "eval-retrieval", "compare-runs"):  # all-or-nothing outputs
             print(f"videolm {args.command}: interrupted; nothing was written, re-run the command", file=sys.stderr)
         else:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, ExtractConfig, save_yaml
+from .errors import ConfigError
+from .extract.config import ExtractConfig
+from .config import save_yaml
 from .extract.job import run_extract
 from .features.shards import FeatureStore
 from .manifests.manifest import load_manifest, write_manifest

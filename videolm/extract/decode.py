@@ -26,12 +26,13 @@ from typing import Iterator
 
 import numpy as np
 
-from ..config import SamplingSpec
+from .config import SamplingSpec
+from ..errors import VideolmError
 
 BACKENDS = ("av", "decord")
 
 
-class DecodeError(RuntimeError):
+class DecodeError(VideolmError, RuntimeError):
     def __init__(self, path: str, reason: str):
         self.path = str(path)
         self.reason = reason

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import SamplingSpec
+from .config import SamplingSpec
+from ..errors import VideolmError
 
 
-class EncoderError(RuntimeError):
+class EncoderError(VideolmError, RuntimeError):
     pass
 
 

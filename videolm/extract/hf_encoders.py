@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import SamplingSpec
+from .config import SamplingSpec
 from .encoders import EncoderError, check_clips, resolve_device
 
 # OpenAI CLIP's pixel statistics, used when the model directory has no preprocessor config.

@@ -29,13 +29,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..config import ExtractConfig, SamplingSpec, to_dict
+from .config import ExtractConfig, SamplingSpec
+from ..config import to_dict
 from ..manifests.manifest import VideoEntry, load_manifest
 from ..features.shards import (
     ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials, shard_name,
     writer_tag,
 )
 from .workers import DecoderPool, decode_video
+from ..errors import VideolmError
 
 if TYPE_CHECKING:
     from .encoders import Encoder
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("videolm.extract")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(VideolmError, RuntimeError):
     """The run itself cannot proceed (bad config, mismatched directory): exit non-zero."""
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import SamplingSpec
+from .config import SamplingSpec
 from .encoders import EncoderError, check_clips, resolve_device
 
 MIXED_5C_DIM = 1024

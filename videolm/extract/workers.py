@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from ..config import SamplingSpec
+from .config import SamplingSpec
 from .decode import DecodeError, iter_clips
 
 

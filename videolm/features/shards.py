@@ -32,6 +32,7 @@ from typing import Iterator
 
 import h5py
 import numpy as np
+from ..errors import VideolmError
 
 FORMAT = "videolm-features"
 FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ _STR = h5py.string_dtype(encoding="utf-8")
 _CHUNK_ROWS = 64
 
 
-class ShardError(RuntimeError):
+class ShardError(VideolmError, RuntimeError):
     pass
 
 

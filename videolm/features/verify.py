@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import VideolmError
 from .shards import (
     CODEBOOK_FORMAT, CODEBOOK_NAME, FORMAT, TOKENS_FORMAT, dataset_digest, list_shards, open_readonly, read_checksums,
     shard_name, token_path,
@@ -36,7 +37,7 @@ _SHARD_DATASETS = ("features", "clip_times", "index/video_id", "index/offset", "
 _BLOCK = 16384
 
 
-class VerifyError(RuntimeError):
+class VerifyError(VideolmError, RuntimeError):
     """verify/repair cannot proceed (no such directory, wrong manifest): a user error."""
 
 
@@ -343,7 +344,8 @@ def read_extract_config(d: Path) -> dict | None:
 
 def recorded_extract_config(directory: str | os.PathLike, workers: int | None = None):
     """The ExtractConfig the directory was written with (extract_config.json + a readable shard's config)."""
-    from ..config import ExtractConfig, from_dict
+    from ..extract.config import ExtractConfig
+    from ..config import from_dict
 
     d = Path(directory)
     recorded = read_extract_config(d)

@@ -27,13 +27,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
+from ..errors import VideolmError
 
 SPLITS = ("train", "val", "test")
 CAPTION_KINDS = ("caption", "subtitle", "asr", "query")
 _KNOWN_KEYS = {"video_id", "path", "split", "duration", "captions"}
 
 
-class ManifestError(ValueError):
+class ManifestError(VideolmError, ValueError):
     """A manifest line that cannot be used; the message says file, line and why."""
 
     def __init__(self, path: str | os.PathLike, line: int | None, problem: str):

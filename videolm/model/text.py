@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("videolm.model.text")
 

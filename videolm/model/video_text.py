@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .text import build_text_encoder
 
 VIDEO_INPUTS = ("features", "tokens")

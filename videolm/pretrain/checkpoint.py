@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError, TrainError
+from ..errors import ConfigError, TrainError
 from .recipe import PretrainConfig, load_recipe, save_recipe
 
 LATEST = "latest"

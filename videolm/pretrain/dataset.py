@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError, VideolmError
 from ..features.shards import FeatureStore
 from ..manifests.manifest import Caption, VideoEntry
 
@@ -34,7 +34,7 @@ log = logging.getLogger("videolm.pretrain.dataset")
 MODES = ("segment", "video", "tokens")
 
 
-class DataError(ValueError):
+class DataError(VideolmError, ValueError):
     pass
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .distributed import gather_keys, gather_with_grad
 from ..model.video_text import MASK_VISUAL_ID, masked_mean
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, from_dict
+from ..errors import ConfigError
+from ..config import from_dict
 from .dataset import DataConfig
 from ..model.video_text import ModelConfig
 from .objectives import OBJECTIVES

@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from .checkpoint import latest_checkpoint, load_run_config, load_trainer_state, save_checkpoint, set_rng_state
 from .collate import Collator, batch_to
-from ..config import ConfigError, TrainError
+from ..errors import ConfigError, TrainError
 from .dataset import VideoTextDataset
 from .distributed import all_reduce_mean, barrier, init_distributed, rank_and_world, shutdown_distributed
 from ..features.shards import FeatureStore

@@ -29,11 +29,12 @@ from ..features.shards import (
     write_token_file,
 )
 from .kmeans import SPECIAL_TOKENS, TOKEN_OFFSET, Codebook, QuantizeConfig, fit_codebook, normalize_rows, word_stats
+from ..errors import VideolmError
 
 log = logging.getLogger("videolm.quantize.kmeans")
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(VideolmError, RuntimeError):
     pass
 
 

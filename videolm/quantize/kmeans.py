@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 # Model-side token ids: visual word w becomes ``w + TOKEN_OFFSET``; the ids below
 # are the special tokens a VideoBERT-style model needs in the same embedding table.

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError, VideolmError
 from ..features.shards import FeatureStore
 from ..manifests.manifest import VideoEntry
 from .metrics import GroundTruth, bootstrap_ci, rank_and_ties, summarize
@@ -42,7 +42,7 @@ DESCRIPTION_KINDS = (None, "caption")
 DIRECTIONS = ("t2v", "v2t")
 
 
-class EvalError(ValueError):
+class EvalError(VideolmError, ValueError):
     """Evaluation cannot run on this input; the message says why."""
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..features.shards import FeatureStore
 from ..manifests.manifest import SPLITS, load_manifest
 from .metrics import paired_bootstrap, recall_curve

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .metrics import GroundTruth, _clean, rank_and_ties, ranks_from_scores
 
 SEARCH_MODES = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..manifest import SPLITS, Caption, VideoEntry
+from ...errors import VideolmError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")  # order of preference when one id has several files
 EXAMPLES = 5  # ids / lines named per reason in the summary
@@ -31,7 +32,7 @@ NO_CAPTIONS = "no captions"
 DUPLICATE = "duplicate id"
 
 
-class ImporterError(ValueError):
+class ImporterError(VideolmError, ValueError):
     """A problem the user can fix (bad input file, wrong flag); the message is one line.
 
     Not called ImportError: that name is Python's own exception for failed imports.
