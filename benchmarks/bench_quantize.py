@@ -422,8 +422,10 @@ def ensure_feature_dir(root: Path) -> tuple[Path, float | None]:
 
 
 def _clean_quantize_outputs(d: Path) -> None:
-    for p in list(d.glob("codebook.h5*")) + list(d.glob("shard_*.tokens.h5*")):
-        p.unlink()
+    from videolm.features.shards import CODEBOOK_NAME, list_token_files, unfinished_quantize_files
+
+    for p in [d / CODEBOOK_NAME, *list_token_files(d), *unfinished_quantize_files(d)]:
+        p.unlink(missing_ok=True)
 
 
 def _status_kb(pid: int) -> dict[str, int]:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from videolm.features.shards import FeatureStore, ShardError, ShardWriter, list_shards, shard_name, token_path
-from videolm.quantize.kmeans import TOKEN_OFFSET, QuantizeConfig, fit_codebook, normalize_rows
+from videolm.model.inputs import VISUAL_TOKEN_OFFSET
+from videolm.quantize.kmeans import QuantizeConfig, fit_codebook, normalize_rows
 from videolm.quantize.job import QuantizeError, load_codebook, run_quantize
 
 
@@ -132,7 +133,7 @@ def test_run_writes_tokens_beside_shards(tmp_path):
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in list_shards(d)}
     s = run_quantize(d, CFG, report_dir=tmp_path / "report", progress=False)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in list_shards(d)} == before  # untouched
-    assert s["clips"] == 3 * 6 * 9 and s["vocab_size"] == 9 and s["token_offset"] == TOKEN_OFFSET
+    assert s["clips"] == 3 * 6 * 9 and s["vocab_size"] == 9 and s["token_offset"] == VISUAL_TOKEN_OFFSET
     assert s["sample_size"] == 100
     store = FeatureStore(d)
     v = store.get("s1v2")
@@ -140,7 +141,10 @@ def test_run_writes_tokens_beside_shards(tmp_path):
     words, paths, _ = cb.assign(normalize_rows(v.features, "l2"))
     np.testing.assert_array_equal(v.tokens, words)
     np.testing.assert_array_equal(v.token_paths, paths)
-    assert attrs["model_vocab_size"] == 9 + TOKEN_OFFSET and json.loads(attrs["inertia_per_level"])
+    assert attrs["model_vocab_size"] == 9 + VISUAL_TOKEN_OFFSET and json.loads(attrs["inertia_per_level"])
+    # the model's id table as docs/formats.md states it: the special tokens take ids 0-4
+    assert json.loads(attrs["special_tokens"]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert attrs["token_offset"] == 5
     summary = json.loads((tmp_path / "report" / "quantize_summary.json").read_text())
     assert summary["words_used"] == s["words_used"] and (tmp_path / "report" / "word_frequencies.png").stat().st_size
     assert sum(s["word_counts"]) == s["clips"]

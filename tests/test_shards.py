@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from videolm.features.shards import (
-    FeatureStore, ShardError, ShardReader, ShardWriter, list_shards, remove_partials, shard_name,
+    CODEBOOK_NAME, FeatureStore, ShardError, ShardReader, ShardWriter, list_shards, list_token_files,
+    planned_shard_count, remove_partials, shard_count, shard_index, shard_name, token_path, unfinished_files,
+    unfinished_quantize_files,
 )
 
 
@@ -39,6 +41,22 @@ def test_unfinished_shard_is_invisible_and_removable(tmp_path):
     assert remove_partials(tmp_path, 3) == 1
     assert not any(tmp_path.iterdir())
     w._file.close()
+
+
+def test_file_names_are_made_and_parsed_in_one_place(tmp_path):
+    assert shard_name(12) == "shard_00012.h5" and shard_index(tmp_path / shard_name(12)) == 12
+    assert token_path(tmp_path / shard_name(7)).name == "shard_00007.tokens.h5"
+    assert shard_index(token_path(tmp_path / shard_name(7))) == 7
+    names = [shard_name(0), "shard_1.h5", token_path(shard_name(0)).name, shard_name(1) + ".partial-host-1",
+             token_path(shard_name(1)).name + ".partial-abc", CODEBOOK_NAME + ".tmp-host-2", "failures.jsonl.tmp-h-3"]
+    for name in names:
+        (tmp_path / name).touch()
+    assert [p.name for p in list_shards(tmp_path)] == ["shard_00000.h5"]
+    assert [p.name for p in list_token_files(tmp_path)] == ["shard_00000.tokens.h5"]
+    assert {p.name for p in unfinished_files(tmp_path)} == set(names[3:])
+    assert {p.name for p in unfinished_quantize_files(tmp_path)} == {names[4], names[5]}
+    assert shard_count(8, 4) == 2 and shard_count(9, 4) == 3
+    assert planned_shard_count({"num_videos": 9, "shard_size": 4}) == 3 and planned_shard_count({}) is None
 
 
 def test_abort_leaves_nothing(tmp_path):

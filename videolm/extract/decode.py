@@ -171,9 +171,16 @@ def _av_probe(path: str) -> _Probe:
         raise DecodeError(path, "video stream has no frames" + (f" ({read_error})" if read_error else ""))
     pts_arr = np.unique(np.asarray(pts, dtype=np.int64))
     times = (pts_arr - pts_arr[0]) * tb
+    _check_declared_length(path, times, declared_frames, declared_seconds, read_error)
+    return _Probe(times, pts_arr, width, height, tb, rate)
+
+
+def _check_declared_length(path: str, times: np.ndarray, declared_frames: int, declared_seconds: float,
+                           read_error: str | None) -> None:
+    """Raise DecodeError when the frames that could be read (at ``times``) disagree with the container's header."""
     # The container's index says how long the video should be; a file cut short by a
     # failed download or copy still opens, so compare what could actually be read.
-    missing = declared_frames - len(pts_arr)
+    missing = declared_frames - len(times)
     short_by = declared_seconds - float(times[-1])
     if (declared_frames and missing > max(2, 0.05 * declared_frames)) or (
         declared_seconds and not declared_frames and short_by > max(1.0, 0.05 * declared_seconds)
@@ -181,7 +188,7 @@ def _av_probe(path: str) -> _Probe:
         raise DecodeError(
             path,
             f"truncated or damaged: the container declares {declared_frames or '?'} frames / "
-            f"{declared_seconds:.2f} s but only {len(pts_arr)} frames ({times[-1]:.2f} s) could be read"
+            f"{declared_seconds:.2f} s but only {len(times)} frames ({times[-1]:.2f} s) could be read"
             + (f" ({read_error})" if read_error else ""),
         )
     # A damaged index (one flipped bit in a timestamp table) can put a frame hours past
@@ -193,7 +200,6 @@ def _av_probe(path: str) -> _Probe:
             f"damaged timestamps: frames run to {times[-1]:.2f} s but the container declares "
             f"{declared_seconds:.2f} s",
         )
-    return _Probe(times, pts_arr, width, height, tb, rate)
 
 
 def _iter_decoded(path: str, threads: int):

@@ -33,8 +33,8 @@ from .config import ExtractConfig, SamplingSpec
 from ..config import to_dict
 from ..manifests.manifest import VideoEntry, load_manifest
 from ..features.shards import (
-    ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials, shard_name,
-    writer_tag,
+    EXTRACT_CONFIG_NAME, ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials,
+    set_aside_name, shard_count, shard_name, temporary_name,
 )
 from .workers import DecoderPool, decode_video
 from ..errors import VideolmError
@@ -138,7 +138,7 @@ class _Progress:
 
 def _check_directory(out: Path, key: dict) -> None:
     """Refuse to mix runs with different features or manifests in one directory."""
-    path = out / "extract_config.json"
+    path = out / EXTRACT_CONFIG_NAME
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("key") != key:
@@ -148,7 +148,7 @@ def _check_directory(out: Path, key: dict) -> None:
                 "use a new --out directory, or delete the old shards"
             )
         return
-    tmp = path.with_name(f"{path.name}.tmp-{writer_tag()}")
+    tmp = temporary_name(path)
     tmp.write_text(json.dumps({"key": key, "videolm_version": __version__}, indent=2))
     os.replace(tmp, path)
 
@@ -161,7 +161,7 @@ def _shard_is_finished(path: Path, manifest_sha: str) -> bool:
     except ShardError as exc:
         # Only a whole file is ever renamed into place, so this is damage after the
         # fact (disk, copy): keep the evidence, redo the shard.
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        aside = set_aside_name(path)
         os.replace(path, aside)
         log.warning("%s; moved to %s and re-extracting", exc, aside.name)
         return False
@@ -185,14 +185,12 @@ def run_extract(
     if not entries:
         raise ExtractError(f"{manifest}: no videos" + (f" in split {split!r}" if split else ""))
     out = Path(out_dir)
-    num_shards = (len(entries) + cfg.shard_size - 1) // cfg.shard_size
+    num_shards = shard_count(len(entries), cfg.shard_size)
     mine = [s for s in range(num_shards) if s % num_nodes == node_rank]
     # Decoder processes take a moment to start; launch them before the encoder
     # imports torch (over a second) so the two overlap.
-    unwritten = sum(len(entries[s * cfg.shard_size : (s + 1) * cfg.shard_size])
-                    for s in mine if not (out / shard_name(s)).exists())
-    pool = DecoderPool(min(cfg.workers, unwritten), cfg.backend, cfg.threads, cfg.timeout) \
-        if cfg.workers and unwritten else None
+    unwritten = sum(len(_shard_entries(entries, s, cfg.shard_size)) for s in mine if not (out / shard_name(s)).exists())
+    pool = _start_decoders(cfg, unwritten)
     try:
         from .encoders import build_encoder
 
@@ -200,42 +198,15 @@ def run_extract(
         sampling = cfg.resolve_sampling(encoder.default_sampling)
         out.mkdir(parents=True, exist_ok=True)
         manifest_sha = file_sha256(manifest)
-        key = {
-            "encoder": cfg.encoder,
-            "weights": cfg.weights,
-            "sampling": dataclasses.asdict(sampling),
-            "dim": encoder.dim,
-            "manifest_sha256": manifest_sha,
-            "split": split,
-            "shard_size": cfg.shard_size,
-            "num_videos": len(entries),
-        }
-        _check_directory(out, key)
-
-        pending = []
-        for s in mine:
-            remove_partials(out, s)
-            if not _shard_is_finished(out / shard_name(s), manifest_sha):
-                pending.append(s)
+        _check_directory(out, _directory_key(cfg, encoder.dim, sampling, manifest_sha, split, len(entries)))
+        pending = _pending_shards(out, mine, manifest_sha)
         summary = ExtractSummary(str(out), num_shards, len(mine), len(pending), len(mine) - len(pending))
-        attrs = {
-            "encoder": cfg.encoder,
-            "config": json.dumps({**to_dict(cfg), "sampling": dataclasses.asdict(sampling)}, sort_keys=True),
-            "videolm_version": __version__,
-            "num_shards": num_shards,
-            "manifest_sha256": manifest_sha,
-            "manifest": str(Path(manifest).resolve()),
-            "split": split or "",
-        }
-        queue: list[_Video] = []
-        for s in pending:
-            chunk = entries[s * cfg.shard_size : (s + 1) * cfg.shard_size]
-            queue += [_Video(e, s, i == len(chunk) - 1) for i, e in enumerate(chunk)]
-
+        attrs = _shard_attrs(cfg, sampling, num_shards, manifest, manifest_sha, split)
+        queue = [v for s in pending for v in _shard_videos(entries, s, cfg.shard_size)]
         t0 = time.monotonic()
         if queue:
-            if cfg.workers and pool is None:  # a damaged shard was set aside after the count above
-                pool = DecoderPool(min(cfg.workers, len(queue)), cfg.backend, cfg.threads, cfg.timeout)
+            if pool is None:  # a damaged shard was set aside after the count above
+                pool = _start_decoders(cfg, len(queue))
             _Pipeline(queue, out, encoder, sampling, cfg, attrs, _Progress(len(queue), progress), summary,
                       pool).run()
     finally:
@@ -244,6 +215,61 @@ def run_extract(
     summary.seconds = time.monotonic() - t0
     summary.failures_file, summary.failures_total = _write_failures(out, entries)
     return summary
+
+
+def _start_decoders(cfg: ExtractConfig, videos: int) -> DecoderPool | None:
+    """Decoder processes for ``videos`` videos, or None to decode in this process (--workers 0, or nothing to do)."""
+    if not cfg.workers or not videos:
+        return None
+    return DecoderPool(min(cfg.workers, videos), cfg.backend, cfg.threads, cfg.timeout)
+
+
+def _shard_entries(entries: list[VideoEntry], shard: int, shard_size: int) -> list[VideoEntry]:
+    return entries[shard * shard_size : (shard + 1) * shard_size]
+
+
+def _shard_videos(entries: list[VideoEntry], shard: int, shard_size: int) -> list[_Video]:
+    chunk = _shard_entries(entries, shard, shard_size)
+    return [_Video(e, shard, i == len(chunk) - 1) for i, e in enumerate(chunk)]
+
+
+def _directory_key(cfg: ExtractConfig, dim: int, sampling: SamplingSpec, manifest_sha: str, split: str | None,
+                   num_videos: int) -> dict:
+    """What every shard of the directory must share; recorded in extract_config.json."""
+    return {
+        "encoder": cfg.encoder,
+        "weights": cfg.weights,
+        "sampling": dataclasses.asdict(sampling),
+        "dim": dim,
+        "manifest_sha256": manifest_sha,
+        "split": split,
+        "shard_size": cfg.shard_size,
+        "num_videos": num_videos,
+    }
+
+
+def _shard_attrs(cfg: ExtractConfig, sampling: SamplingSpec, num_shards: int, manifest: str | os.PathLike,
+                 manifest_sha: str, split: str | None) -> dict:
+    """The attributes every shard of this run carries (ShardWriter adds the per-shard ones)."""
+    return {
+        "encoder": cfg.encoder,
+        "config": json.dumps({**to_dict(cfg), "sampling": dataclasses.asdict(sampling)}, sort_keys=True),
+        "videolm_version": __version__,
+        "num_shards": num_shards,
+        "manifest_sha256": manifest_sha,
+        "manifest": str(Path(manifest).resolve()),
+        "split": split or "",
+    }
+
+
+def _pending_shards(out: Path, mine: list[int], manifest_sha: str) -> list[int]:
+    """This node's shards that are not finished yet, after removing leftovers of killed writers."""
+    pending = []
+    for s in mine:
+        remove_partials(out, s)
+        if not _shard_is_finished(out / shard_name(s), manifest_sha):
+            pending.append(s)
+    return pending
 
 
 def _write_failures(out: Path, entries: list[VideoEntry]) -> tuple[str, int]:
@@ -257,7 +283,7 @@ def _write_failures(out: Path, entries: list[VideoEntry]) -> tuple[str, int]:
         except ShardError as exc:
             log.warning("%s", exc)
     target = out / "failures.jsonl"
-    tmp = target.with_name(f"failures.jsonl.tmp-{writer_tag()}")
+    tmp = temporary_name(target)
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -5,7 +5,8 @@ One shard = one HDF5 file ``shard_NNNNN.h5`` holding the clips of up to
 
     attrs      format="videolm-features", format_version, encoder, dim,
                config (JSON of the ExtractConfig), videolm_version,
-               shard_index, num_shards, manifest_sha256, num_videos_planned
+               shard_index, num_shards, manifest, manifest_sha256, split,
+               num_videos, num_clips, num_failed
     features   float16 (total_clips, dim)    all videos' clips, concatenated
     clip_times float32 (total_clips, 2)      start, end in seconds
     index/video_id  str (n_videos,)          in manifest order
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -46,6 +48,126 @@ class ShardError(VideolmError, RuntimeError):
     pass
 
 
+# --------------------------------------------------------------------------- file names
+# Every name in a feature directory is made and parsed here (docs/formats.md,
+# "Feature directory"), so the jobs and ``videolm verify`` cannot disagree on them.
+
+_SHARD_PREFIX = "shard_"
+_SHARD_DIGITS = 5
+_SHARD_GLOB = _SHARD_PREFIX + "[0-9]" * _SHARD_DIGITS
+_TOKENS_SUFFIX = ".tokens.h5"
+CODEBOOK_NAME = "codebook.h5"
+EXTRACT_CONFIG_NAME = "extract_config.json"  # what the shards hold; written once by the extract job
+# Marks in the name of a file that is not published. A partial is resumable (its
+# tag ties it to its inputs), a temporary file is thrown away, and a set-aside file
+# is a damaged shard the extract job moved out of the way before redoing it.
+_PARTIAL_MARK = ".partial-"
+_TEMP_MARK = ".tmp-"
+_SET_ASIDE_MARK = ".corrupt-"
+
+
+def shard_name(index: int) -> str:
+    return f"{_SHARD_PREFIX}{index:0{_SHARD_DIGITS}d}.h5"
+
+
+def shard_index(path: str | os.PathLike) -> int:
+    """The index in a shard's (or its token file's) name: ``shard_00012.h5`` -> 12."""
+    name = Path(path).name
+    return int(name[len(_SHARD_PREFIX) : len(_SHARD_PREFIX) + _SHARD_DIGITS])
+
+
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    return sorted(Path(directory).glob(_SHARD_GLOB + ".h5"))
+
+
+def token_path(shard: str | os.PathLike) -> Path:
+    """The token file beside a shard: ``shard_00012.h5`` -> ``shard_00012.tokens.h5``."""
+    shard = Path(shard)
+    return shard.with_name(shard.name[: -len(".h5")] + _TOKENS_SUFFIX)
+
+
+def list_token_files(directory: str | os.PathLike) -> list[Path]:
+    return sorted(Path(directory).glob(_SHARD_GLOB + _TOKENS_SUFFIX))
+
+
+def shard_count(num_videos: int, shard_size: int) -> int:
+    """Shards that ``num_videos`` manifest videos fill, ``shard_size`` to a shard (the last may be short)."""
+    return -(-num_videos // shard_size)
+
+
+def read_extract_config(directory: str | os.PathLike) -> dict | None:
+    """The directory's ``extract_config.json`` ({"key": ..., "videolm_version"}), or None if missing or unreadable."""
+    try:
+        return json.loads((Path(directory) / EXTRACT_CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def planned_shard_count(key: dict) -> int | None:
+    """Shards of the extraction ``extract_config.json['key']`` records, or None when it does not say."""
+    if not key.get("num_videos") or not key.get("shard_size"):
+        return None
+    return shard_count(int(key["num_videos"]), int(key["shard_size"]))
+
+
+def writer_tag() -> str:
+    """Host and process of this writer, for temporary names on a shared disk (in Kubernetes every pod is PID 1)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def partial_name(final: Path, tag: str) -> Path:
+    """Where a file is written before it is published; ``tag`` ties it to its inputs."""
+    return final.with_name(f"{final.name}{_PARTIAL_MARK}{tag}")
+
+
+def temporary_name(final: Path) -> Path:
+    """Where this process writes ``final`` before renaming it into place."""
+    return final.with_name(f"{final.name}{_TEMP_MARK}{writer_tag()}")
+
+
+def set_aside_name(path: Path) -> Path:
+    """Where a damaged file is moved (kept as evidence) so that it can be written again."""
+    return path.with_name(f"{path.name}{_SET_ASIDE_MARK}{int(time.time())}")
+
+
+def unfinished_files(directory: str | os.PathLike) -> list[Path]:
+    """Partial and temporary files: leftovers of interrupted writers, or files being written now."""
+    d = Path(directory)
+    return sorted(d.glob(f"*{_PARTIAL_MARK}*")) + sorted(d.glob(f"*{_TEMP_MARK}*"))
+
+
+def set_aside_files(directory: str | os.PathLike) -> list[Path]:
+    return sorted(Path(directory).glob(f"*{_SET_ASIDE_MARK}*"))
+
+
+def unfinished_quantize_files(directory: str | os.PathLike) -> list[Path]:
+    """Partial and temporary copies of token files and of the codebook."""
+    d = Path(directory)
+    found = [*d.glob(f"{_SHARD_PREFIX}*{_TOKENS_SUFFIX}.*"), *d.glob(f"{CODEBOOK_NAME}.*")]
+    return [p for p in found if _TEMP_MARK in p.name or _PARTIAL_MARK in p.name]
+
+
+def remove_partials(directory: str | os.PathLike, index: int) -> int:
+    """Delete leftovers of crashed writers of shard ``index``; returns how many."""
+    removed = 0
+    for p in Path(directory).glob(f"{shard_name(index)}{_PARTIAL_MARK}*"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- HDF5 values
+
+def decode_strings(values) -> list[str]:
+    """A string dataset as Python str: h5py returns utf-8 bytes, older files may hold str."""
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def plain_attrs(attrs) -> dict:
+    """HDF5 attributes as plain Python values (numpy scalars unwrapped)."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
+
+
 CHECKSUM_ALGORITHM = "sha256"
 
 
@@ -55,7 +177,7 @@ def dataset_digest(values) -> str:
     file is finished; ``videolm verify`` recomputes it."""
     arr = np.asarray(values)
     if arr.dtype.kind in "OSU":
-        return hashlib.sha256(json.dumps(_decode_str(arr.ravel())).encode("utf-8")).hexdigest()
+        return hashlib.sha256(json.dumps(decode_strings(arr.ravel())).encode("utf-8")).hexdigest()
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
@@ -73,12 +195,11 @@ def _checksums_json(digests: dict[str, str]) -> str:
     return json.dumps({"algorithm": CHECKSUM_ALGORITHM, "datasets": digests}, sort_keys=True)
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.h5"
+# --------------------------------------------------------------------------- feature shards
 
-
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    return sorted(Path(directory).glob("shard_[0-9][0-9][0-9][0-9][0-9].h5"))
+# Every dataset of a shard, in the order of the layout above; a finished shard holds all of them.
+SHARD_DATASETS = ("features", "clip_times", "index/video_id", "index/offset", "index/num_clips", "index/duration",
+                  "failures/video_id", "failures/error")
 
 
 class ShardWriter:
@@ -89,7 +210,7 @@ class ShardWriter:
         self.dim = dim
         # Host and pid in the temporary name: two machines writing to a shared disk
         # never collide, and a crashed run's leftovers are recognisable.
-        self.tmp = self.path.with_name(f"{self.path.name}.partial-{writer_tag()}")
+        self.tmp = partial_name(self.path, writer_tag())
         self._file = h5py.File(self.tmp, "w")
         for key, value in attrs.items():
             self._file.attrs[key] = value
@@ -170,20 +291,6 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def writer_tag() -> str:
-    """Host and process of this writer, for temporary names on a shared disk (in Kubernetes every pod is PID 1)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def remove_partials(directory: str | os.PathLike, index: int) -> int:
-    """Delete leftovers of crashed writers of shard ``index``; returns how many."""
-    removed = 0
-    for p in Path(directory).glob(shard_name(index) + ".partial-*"):
-        p.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
 @dataclass
 class VideoFeatures:
     video_id: str
@@ -193,10 +300,6 @@ class VideoFeatures:
     duration: float
     tokens: np.ndarray | None = None  # int32 (n_clips,) visual words, when the directory is quantised
     token_paths: np.ndarray | None = None  # int16 (n_clips, levels): child index chosen at each tree level
-
-
-def _decode_str(values) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
 class ShardReader:
@@ -215,7 +318,7 @@ class ShardReader:
             f.close()
             raise ShardError(f"{self.path}: not a videolm feature shard (format attribute missing)")
         try:
-            self.video_ids = _decode_str(f["index/video_id"][()])
+            self.video_ids = decode_strings(f["index/video_id"][()])
             self._offsets = f["index/offset"][()]
             self._counts = f["index/num_clips"][()]
             self._durations = f["index/duration"][()]
@@ -223,7 +326,7 @@ class ShardReader:
             f.close()
             raise ShardError(f"{self.path}: shard index incomplete ({exc})") from None
         self._row = {v: i for i, v in enumerate(self.video_ids)}
-        self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        self.attrs = plain_attrs(f.attrs)
         self.config = json.loads(self.attrs["config"])
         self.dim = int(self.attrs["dim"])
 
@@ -277,7 +380,7 @@ class ShardReader:
 
     def failures(self) -> list[tuple[str, str]]:
         g = self._file["failures"]
-        return list(zip(_decode_str(g["video_id"][()]), _decode_str(g["error"][()])))
+        return list(zip(decode_strings(g["video_id"][()]), decode_strings(g["error"][()])))
 
     def __iter__(self) -> Iterator[VideoFeatures]:
         for v in self.video_ids:
@@ -307,15 +410,15 @@ def read_shard_attrs(path: str | os.PathLike) -> dict:
         return dict(r.attrs)
 
 
-def config_key(reader: ShardReader) -> str:
-    """The settings that make features comparable: encoder, weights and sampling."""
-    return json.dumps({k: reader.config.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True)
+def config_key(config: dict) -> str:
+    """The settings of a shard's ``config`` that make features comparable: encoder, weights and sampling."""
+    return json.dumps({k: config.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True)
 
 
 def check_same_config(shards: list[ShardReader], directory) -> None:
     groups: dict[str, list[str]] = {}
     for s in shards:
-        groups.setdefault(config_key(s), []).append(s.path.name)
+        groups.setdefault(config_key(s.config), []).append(s.path.name)
     if len(groups) > 1:
         parts = []
         for key, names in groups.items():
@@ -401,12 +504,7 @@ class FeatureStore:
 
 TOKENS_FORMAT = "videolm-tokens"
 CODEBOOK_FORMAT = "videolm-codebook"
-CODEBOOK_NAME = "codebook.h5"
-
-
-def token_path(shard: str | os.PathLike) -> Path:
-    shard = Path(shard)
-    return shard.with_name(shard.name[: -len(".h5")] + ".tokens.h5")
+TOKEN_DATASETS = ("tokens", "paths")  # int32 word and int16 tree path of every clip, rows as in the shard
 
 
 def _publish(tmp: Path, final: Path, f: h5py.File) -> None:
@@ -416,14 +514,9 @@ def _publish(tmp: Path, final: Path, f: h5py.File) -> None:
     os.replace(tmp, final)
 
 
-def partial_name(final: Path, tag: str) -> Path:
-    """Where a file is written before it is published; ``tag`` ties it to its inputs."""
-    return final.with_name(f"{final.name}.partial-{tag}")
-
-
 def write_token_file(path: Path, tokens: np.ndarray, paths: np.ndarray, attrs: dict) -> Path:
     """Write a complete token file under ``path`` (callers choose temporary or final names)."""
-    tmp = path.with_name(path.name + f".tmp-{writer_tag()}")
+    tmp = temporary_name(path)
     f = h5py.File(tmp, "w")
     for key, value in attrs.items():
         f.attrs[key] = value
@@ -442,7 +535,7 @@ def read_token_attrs(path: str | os.PathLike) -> dict | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != TOKENS_FORMAT or "tokens" not in f:
                 return None
-            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            return plain_attrs(f.attrs)
     except (OSError, KeyError):
         return None
 
@@ -457,17 +550,16 @@ def read_token_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def write_codebook(path: Path, levels: list[dict[str, np.ndarray]], attrs: dict) -> Path:
     """One HDF5 file: level_<l>/{centroids, parent, child_index, first_child, num_children} + JSON attrs."""
-    tmp = path.with_name(path.name + f".tmp-{writer_tag()}")
+    tmp = temporary_name(path)
     f = h5py.File(tmp, "w")
     for key, value in attrs.items():
         f.attrs[key] = value
     f.attrs["format"] = CODEBOOK_FORMAT
-    digests = {}
     for i, level in enumerate(levels):
-        g = f.create_group(f"level_{i}")
+        g = f.create_group(_level_group(i))
         for name, arr in level.items():
             g.create_dataset(name, data=arr)
-            digests[f"level_{i}/{name}"] = dataset_digest(arr)
+    digests = {key: dataset_digest(arr) for key, arr in codebook_datasets(levels).items()}
     f.attrs["checksums"] = _checksums_json(digests)
     _publish(tmp, path, f)
     return path
@@ -481,7 +573,7 @@ def read_codebook_attrs(path: str | os.PathLike) -> dict | None:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != CODEBOOK_FORMAT:
                 raise ShardError(f"{path}: not a videolm codebook")
-            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            return plain_attrs(f.attrs)
     except OSError as exc:
         raise ShardError(f"{path}: cannot read codebook: {exc}") from None
 
@@ -491,11 +583,25 @@ def read_codebook(path: str | os.PathLike) -> tuple[list[dict[str, np.ndarray]],
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != CODEBOOK_FORMAT:
                 raise ShardError(f"{path}: not a videolm codebook")
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-            levels = []
-            for i in range(int(attrs["levels"])):
-                g = f[f"level_{i}"]
-                levels.append({name: g[name][()] for name in g})
-            return levels, attrs
+            attrs = plain_attrs(f.attrs)
+            return read_codebook_levels(f, int(attrs["levels"])), attrs
     except (OSError, KeyError) as exc:
         raise ShardError(f"{path}: cannot read codebook: {exc}") from None
+
+
+def _level_group(level: int) -> str:
+    return f"level_{level}"
+
+
+def read_codebook_levels(f, levels: int) -> list[dict[str, np.ndarray]]:
+    """The tree in an open codebook file, top level first: each level's datasets by name."""
+    tree = []
+    for i in range(levels):
+        g = f[_level_group(i)]
+        tree.append({name: g[name][()] for name in g})
+    return tree
+
+
+def codebook_datasets(levels: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A tree's datasets keyed by their path in the codebook file (``level_<l>/<name>``), as its checksums are."""
+    return {f"{_level_group(i)}/{name}": arr for i, level in enumerate(levels) for name, arr in level.items()}

@@ -28,13 +28,11 @@ import numpy as np
 
 from ..errors import VideolmError
 from .shards import (
-    CODEBOOK_FORMAT, CODEBOOK_NAME, FORMAT, TOKENS_FORMAT, dataset_digest, list_shards, open_readonly, read_checksums,
-    shard_name, token_path,
+    CODEBOOK_FORMAT, CODEBOOK_NAME, EXTRACT_CONFIG_NAME, FORMAT, SHARD_DATASETS, TOKEN_DATASETS, TOKENS_FORMAT,
+    ShardError, codebook_datasets, config_key, dataset_digest, decode_strings, list_shards, list_token_files,
+    open_readonly, plain_attrs, planned_shard_count, read_checksums, read_codebook_attrs, read_codebook_levels,
+    read_extract_config, set_aside_files, shard_index, shard_name, token_path, unfinished_files,
 )
-
-_SHARD_DATASETS = ("features", "clip_times", "index/video_id", "index/offset", "index/num_clips", "index/duration",
-                   "failures/video_id", "failures/error")
-_BLOCK = 16384
 
 
 class VerifyError(VideolmError, RuntimeError):
@@ -49,6 +47,10 @@ class Problem:
 
     def line(self) -> str:
         return f"{'ERROR' if self.severity == 'error' else 'warning'} {self.file}: {self.message}"
+
+
+def _has_error(problems: list[Problem]) -> bool:
+    return any(p.severity == "error" for p in problems)
 
 
 @dataclass
@@ -111,89 +113,121 @@ def _compare_checksums(f, name: str, values: dict, problems: list[Problem]) -> N
             problems.append(Problem(name, f"checksum mismatch in {key} (content changed after it was written)"))
 
 
-def _video_at(offsets: np.ndarray, ids: list[str], row: int) -> str:
-    i = int(np.searchsorted(offsets, row, side="right")) - 1
-    return ids[i] if 0 <= i < len(ids) else "?"
-
+# --------------------------------------------------------------------------- one shard
 
 def check_shard(path: Path, manifest_sha: str | None = None) -> tuple[list[Problem], dict | None]:
-    """Problems of one shard, and (when it is readable) {video_ids, num_clips}."""
+    """Problems of one shard, and (when it is readable) {video_ids, num_clips, config}."""
     problems: list[Problem] = []
     name = path.name
     f = _open(path, problems, "shard")
     if f is None:
         return problems, None
     with f:
-        if f.attrs.get("format") != FORMAT:
-            problems.append(Problem(name, "not a videolm feature shard (format attribute missing)"))
+        values = _read_shard_datasets(f, name, problems)
+        if values is None:
             return problems, None
-        values = {}
-        for key in _SHARD_DATASETS:
-            if key not in f:
-                problems.append(Problem(name, f"dataset {key} missing"))
-                continue
-            try:
-                values[key] = f[key][()]
-            except (OSError, ValueError, KeyError) as exc:
-                problems.append(Problem(name, f"dataset {key} unreadable ({str(exc)[:120]})"))
-        if len(values) < len(_SHARD_DATASETS):
-            return problems, None
-        from .shards import _decode_str
-
-        ids = _decode_str(values["index/video_id"])
-        offsets = values["index/offset"].astype(np.int64)
-        counts = values["index/num_clips"].astype(np.int64)
-        feats, times = values["features"], values["clip_times"]
+        ids = decode_strings(values["index/video_id"])
+        feats = values["features"]
         rows = feats.shape[0] if feats.ndim == 2 else -1
-        dim = int(f.attrs.get("dim", -1))
-        if feats.ndim != 2 or feats.shape[1] != dim:
-            problems.append(Problem(name, f"features of shape {feats.shape}, expected (n, {dim})"))
-        if times.shape != (rows, 2):
-            problems.append(Problem(name, f"clip_times of shape {times.shape}, expected ({rows}, 2)"))
-        if not (len(ids) == len(offsets) == len(counts) == len(values["index/duration"])):
-            problems.append(Problem(name, f"index arrays of different lengths: video_id {len(ids)}, offset "
-                                          f"{len(offsets)}, num_clips {len(counts)}, "
-                                          f"duration {len(values['index/duration'])}"))
-        else:
-            expected = 0
-            for i, (vid, a, n) in enumerate(zip(ids, offsets, counts)):
-                if n < 1:
-                    problems.append(Problem(name, f"index: video {vid!r} has {n} clips"))
-                    break
-                if a != expected:
-                    problems.append(Problem(name, f"index: video {vid!r} starts at row {a}, expected {expected} "
-                                                  "(rows not contiguous)"))
-                    break
-                if a + n > rows:
-                    problems.append(Problem(name, f"index: video {vid!r} rows [{a}, {a + n}) beyond the "
-                                                  f"{rows} rows of features"))
-                    break
-                expected = a + n
-            else:
-                if expected != rows:
-                    problems.append(Problem(name, f"index covers {expected} rows but features has {rows}"))
-        if len(set(ids)) != len(ids):
-            problems.append(Problem(name, "index: a video id appears twice"))
-        for attr, actual in (("num_videos", len(ids)), ("num_clips", rows),
-                             ("num_failed", len(values["failures/video_id"]))):
-            if attr in f.attrs and int(f.attrs[attr]) != actual:
-                problems.append(Problem(name, f"attribute {attr}={int(f.attrs[attr])} but the datasets hold {actual}"))
-        if feats.ndim == 2:
-            bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
-            if len(bad):
-                problems.append(Problem(name, f"NaN/inf features in {len(bad)} row(s), first at row {bad[0]} "
-                                              f"(video {_video_at(offsets, ids, int(bad[0]))!r})"))
-        if not np.isfinite(times).all():
-            problems.append(Problem(name, "NaN/inf clip times"))
-        if manifest_sha is not None and f.attrs.get("manifest_sha256") not in (None, manifest_sha):
-            problems.append(Problem(name, "written from a different manifest than extract_config.json records"))
-        idx = f.attrs.get("shard_index")
-        if idx is not None and shard_name(int(idx)) != name:
-            problems.append(Problem(name, f"holds shard_index {int(idx)} (renamed or copied over?)"))
+        _check_shapes(name, values, rows, int(f.attrs.get("dim", -1)), problems)
+        _check_index(name, values, ids, rows, problems)
+        _check_recorded_counts(name, f.attrs, values, ids, rows, problems)
+        _check_finite(name, values, ids, problems)
+        _check_origin(name, f.attrs, manifest_sha, problems)
         _compare_checksums(f, name, values, problems)
         config = f.attrs.get("config")
     return problems, {"video_ids": ids, "num_clips": rows, "config": config}
 
+
+def _read_shard_datasets(f, name: str, problems: list[Problem]) -> dict | None:
+    """Every dataset of the shard, or None (the reasons in ``problems``) when one is missing or unreadable."""
+    if f.attrs.get("format") != FORMAT:
+        problems.append(Problem(name, "not a videolm feature shard (format attribute missing)"))
+        return None
+    values = {}
+    for key in SHARD_DATASETS:
+        if key not in f:
+            problems.append(Problem(name, f"dataset {key} missing"))
+            continue
+        try:
+            values[key] = f[key][()]
+        except (OSError, ValueError, KeyError) as exc:
+            problems.append(Problem(name, f"dataset {key} unreadable ({str(exc)[:120]})"))
+    return values if len(values) == len(SHARD_DATASETS) else None
+
+
+def _check_shapes(name: str, values: dict, rows: int, dim: int, problems: list[Problem]) -> None:
+    feats, times = values["features"], values["clip_times"]
+    if feats.ndim != 2 or feats.shape[1] != dim:
+        problems.append(Problem(name, f"features of shape {feats.shape}, expected (n, {dim})"))
+    if times.shape != (rows, 2):
+        problems.append(Problem(name, f"clip_times of shape {times.shape}, expected ({rows}, 2)"))
+
+
+def _check_index(name: str, values: dict, ids: list[str], rows: int, problems: list[Problem]) -> None:
+    offsets, counts, durations = values["index/offset"], values["index/num_clips"], values["index/duration"]
+    if not (len(ids) == len(offsets) == len(counts) == len(durations)):
+        problems.append(Problem(name, f"index arrays of different lengths: video_id {len(ids)}, offset "
+                                      f"{len(offsets)}, num_clips {len(counts)}, duration {len(durations)}"))
+    else:
+        gap = _index_gap(ids, offsets.astype(np.int64), counts.astype(np.int64), rows)
+        if gap is not None:
+            problems.append(Problem(name, gap))
+    if len(set(ids)) != len(ids):
+        problems.append(Problem(name, "index: a video id appears twice"))
+
+
+def _index_gap(ids: list[str], offsets: np.ndarray, counts: np.ndarray, rows: int) -> str | None:
+    """The first way the videos' rows fail to tile ``features`` from row 0 in order, or None."""
+    expected = 0
+    for vid, a, n in zip(ids, offsets, counts):
+        if n < 1:
+            return f"index: video {vid!r} has {n} clips"
+        if a != expected:
+            return f"index: video {vid!r} starts at row {a}, expected {expected} (rows not contiguous)"
+        if a + n > rows:
+            return f"index: video {vid!r} rows [{a}, {a + n}) beyond the {rows} rows of features"
+        expected = a + n
+    if expected != rows:
+        return f"index covers {expected} rows but features has {rows}"
+    return None
+
+
+def _check_recorded_counts(name: str, attrs, values: dict, ids: list[str], rows: int,
+                           problems: list[Problem]) -> None:
+    for attr, actual in (("num_videos", len(ids)), ("num_clips", rows),
+                         ("num_failed", len(values["failures/video_id"]))):
+        if attr in attrs and int(attrs[attr]) != actual:
+            problems.append(Problem(name, f"attribute {attr}={int(attrs[attr])} but the datasets hold {actual}"))
+
+
+def _check_finite(name: str, values: dict, ids: list[str], problems: list[Problem]) -> None:
+    feats = values["features"]
+    if feats.ndim == 2:
+        bad = np.flatnonzero(~np.isfinite(feats).all(axis=1))
+        if len(bad):
+            video = _video_at(values["index/offset"].astype(np.int64), ids, int(bad[0]))
+            problems.append(Problem(name, f"NaN/inf features in {len(bad)} row(s), first at row {bad[0]} "
+                                          f"(video {video!r})"))
+    if not np.isfinite(values["clip_times"]).all():
+        problems.append(Problem(name, "NaN/inf clip times"))
+
+
+def _video_at(offsets: np.ndarray, ids: list[str], row: int) -> str:
+    i = int(np.searchsorted(offsets, row, side="right")) - 1
+    return ids[i] if 0 <= i < len(ids) else "?"
+
+
+def _check_origin(name: str, attrs, manifest_sha: str | None, problems: list[Problem]) -> None:
+    """The shard was written from the recorded manifest, under its own name."""
+    if manifest_sha is not None and attrs.get("manifest_sha256") not in (None, manifest_sha):
+        problems.append(Problem(name, "written from a different manifest than extract_config.json records"))
+    idx = attrs.get("shard_index")
+    if idx is not None and shard_name(int(idx)) != name:
+        problems.append(Problem(name, f"holds shard_index {int(idx)} (renamed or copied over?)"))
+
+
+# --------------------------------------------------------------------------- codebook and token files
 
 def _check_codebook(path: Path, report: VerifyReport) -> dict | None:
     problems = report.problems
@@ -204,13 +238,9 @@ def _check_codebook(path: Path, report: VerifyReport) -> dict | None:
         if f.attrs.get("format") != CODEBOOK_FORMAT:
             problems.append(Problem(path.name, "not a videolm codebook"))
             return None
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-        values = {}
+        attrs = plain_attrs(f.attrs)
         try:
-            for i in range(int(attrs["levels"])):
-                g = f[f"level_{i}"]
-                for key in g:
-                    values[f"level_{i}/{key}"] = g[key][()]
+            values = codebook_datasets(read_codebook_levels(f, int(attrs["levels"])))
         except (KeyError, OSError, ValueError) as exc:
             problems.append(Problem(path.name, f"incomplete or unreadable ({str(exc)[:120]})"))
             return None
@@ -225,31 +255,37 @@ def _check_codebook(path: Path, report: VerifyReport) -> dict | None:
 
 
 def _check_tokens(path: Path, codebook: dict, num_clips: int, report: VerifyReport) -> None:
-    problems = report.problems
     before = len(report.errors)
-    f = _open(path, problems, "token file")
+    f = _open(path, report.problems, "token file")
     if f is not None:
         with f:
-            if f.attrs.get("format") != TOKENS_FORMAT or "tokens" not in f or "paths" not in f:
-                problems.append(Problem(path.name, "not a complete videolm token file"))
-            elif f.attrs.get("codebook_fingerprint") != codebook.get("fingerprint"):
-                problems.append(Problem(path.name, "written with another codebook (fingerprint differs)"))
-            else:
-                try:
-                    values = {"tokens": f["tokens"][()], "paths": f["paths"][()]}
-                except (OSError, ValueError) as exc:
-                    problems.append(Problem(path.name, f"unreadable ({str(exc)[:120]})"))
-                else:
-                    tok = values["tokens"]
-                    if len(tok) != num_clips or len(values["paths"]) != num_clips:
-                        problems.append(Problem(path.name, f"{len(tok)} tokens but the shard has {num_clips} clips"))
-                    vocab = int(codebook.get("vocab_size", 0))
-                    if len(tok) and (tok.min() < 0 or tok.max() >= vocab):
-                        problems.append(Problem(path.name, f"word ids outside [0, {vocab})"))
-                    _compare_checksums(f, path.name, values, problems)
+            _check_token_file(f, path.name, codebook, num_clips, report.problems)
     if len(report.errors) > before:
         report.broken_tokens.append(path.name)
 
+
+def _check_token_file(f, name: str, codebook: dict, num_clips: int, problems: list[Problem]) -> None:
+    if f.attrs.get("format") != TOKENS_FORMAT or any(key not in f for key in TOKEN_DATASETS):
+        problems.append(Problem(name, "not a complete videolm token file"))
+        return
+    if f.attrs.get("codebook_fingerprint") != codebook.get("fingerprint"):
+        problems.append(Problem(name, "written with another codebook (fingerprint differs)"))
+        return
+    try:
+        values = {key: f[key][()] for key in TOKEN_DATASETS}
+    except (OSError, ValueError) as exc:
+        problems.append(Problem(name, f"unreadable ({str(exc)[:120]})"))
+        return
+    tok = values["tokens"]
+    if len(tok) != num_clips or len(values["paths"]) != num_clips:
+        problems.append(Problem(name, f"{len(tok)} tokens but the shard has {num_clips} clips"))
+    vocab = int(codebook.get("vocab_size", 0))
+    if len(tok) and (tok.min() < 0 or tok.max() >= vocab):
+        problems.append(Problem(name, f"word ids outside [0, {vocab})"))
+    _compare_checksums(f, name, values, problems)
+
+
+# --------------------------------------------------------------------------- the directory
 
 def verify_directory(directory: str | os.PathLike) -> VerifyReport:
     d = Path(directory)
@@ -259,88 +295,112 @@ def verify_directory(directory: str | os.PathLike) -> VerifyReport:
     recorded = read_extract_config(d)
     key = (recorded or {}).get("key", {})
     if recorded is None:
-        report.problems.append(Problem("extract_config.json", "missing or unreadable; cannot tell which shards "
-                                                              "should exist", "warning"))
+        report.problems.append(Problem(EXTRACT_CONFIG_NAME, "missing or unreadable; cannot tell which shards "
+                                                            "should exist", "warning"))
     paths = list_shards(d)
     if not paths and recorded is None:
-        raise VerifyError(f"{d}: no feature shards (shard_*.h5) and no extract_config.json")
+        raise VerifyError(f"{d}: no feature shards (shard_*.h5) and no {EXTRACT_CONFIG_NAME}")
+    readable = _check_shards(paths, key.get("manifest_sha256"), report)
+    expected = planned_shard_count(key)
+    if expected is not None:
+        _check_shard_set(paths, expected, report)
+    _check_videos_unique(readable, report)
+    _check_configs_agree(readable, report)
+    _note_leftovers(d, report)
+    _check_visual_words(d, paths, readable, report)
+    report.broken_shards = sorted(set(report.broken_shards))
+    return report
+
+
+def _check_shards(paths: list[Path], manifest_sha: str | None, report: VerifyReport) -> dict[str, dict]:
+    """Check every shard; returns what ``check_shard`` read of each readable one, by file name."""
     report.shards = len(paths)
     readable: dict[str, dict] = {}
     for p in paths:
-        problems, info = check_shard(p, key.get("manifest_sha256"))
+        problems, info = check_shard(p, manifest_sha)
         report.problems += problems
-        if any(x.severity == "error" for x in problems):
-            report.broken_shards.append(int(p.name[6:11]))
+        if _has_error(problems):
+            report.broken_shards.append(shard_index(p))
         else:
             report.shards_ok += 1
         if info is not None:
             readable[p.name] = info
             report.clips += info["num_clips"]
-    if key.get("num_videos") and key.get("shard_size"):
-        expected = -(-int(key["num_videos"]) // int(key["shard_size"]))
-        present = {p.name for p in paths}
-        for s in range(expected):
-            if shard_name(s) not in present:
-                report.problems.append(Problem(shard_name(s), f"missing (the directory should hold {expected} "
-                                                              "shards; extraction unfinished or file deleted)"))
-                report.broken_shards.append(s)
-        for p in paths:
-            if int(p.name[6:11]) >= expected:
-                report.problems.append(Problem(p.name, f"beyond the {expected} shards the config implies"))
+    return readable
+
+
+def _check_shard_set(paths: list[Path], expected: int, report: VerifyReport) -> None:
+    """Exactly the shards the recorded extraction writes are present."""
+    present = {p.name for p in paths}
+    for s in range(expected):
+        if shard_name(s) not in present:
+            report.problems.append(Problem(shard_name(s), f"missing (the directory should hold {expected} "
+                                                          "shards; extraction unfinished or file deleted)"))
+            report.broken_shards.append(s)
+    for p in paths:
+        if shard_index(p) >= expected:
+            report.problems.append(Problem(p.name, f"beyond the {expected} shards the config implies"))
+
+
+def _check_videos_unique(readable: dict[str, dict], report: VerifyReport) -> None:
     seen: dict[str, str] = {}
     for name, info in readable.items():
         for vid in info["video_ids"]:
             if vid in seen:
                 report.problems.append(Problem(name, f"video {vid!r} is also in {seen[vid]}"))
             seen[vid] = name
-    configs = {}
+
+
+def _check_configs_agree(readable: dict[str, dict], report: VerifyReport) -> None:
+    """Features of one directory must be comparable: one encoder, weights and sampling."""
+    configs: dict[str, list[str]] = {}
     for name, info in readable.items():
         try:
-            c = json.loads(info["config"]) if info["config"] is not None else {}
+            config = json.loads(info["config"]) if info["config"] is not None else {}
         except ValueError:
             report.problems.append(Problem(name, "config attribute is not valid JSON"))
             continue
-        configs.setdefault(json.dumps({k: c.get(k) for k in ("encoder", "weights", "sampling")}, sort_keys=True),
-                           []).append(name)
+        configs.setdefault(config_key(config), []).append(name)
     if len(configs) > 1:
         report.problems.append(Problem(".", "shards were written with different encoders/configs: "
                                             + "; ".join(f"{v[:3]} {k}" for k, v in configs.items())))
-    for p in sorted(d.glob("*.partial-*")) + sorted(d.glob("*.tmp-*")):
+
+
+def _note_leftovers(d: Path, report: VerifyReport) -> None:
+    for p in unfinished_files(d):
         report.problems.append(Problem(p.name, "leftover of an interrupted run (removed when the job resumes)",
                                        "warning"))
-    for p in sorted(d.glob("*.corrupt-*")):
+    for p in set_aside_files(d):
         report.problems.append(Problem(p.name, "damaged shard set aside by an earlier run; safe to delete",
                                        "warning"))
 
+
+def _check_visual_words(d: Path, paths: list[Path], readable: dict[str, dict], report: VerifyReport) -> None:
+    """After ``videolm quantize``: the codebook, and a token file for every shard that uses it."""
     cb_path = d / CODEBOOK_NAME
-    token_files = sorted(d.glob("shard_[0-9][0-9][0-9][0-9][0-9].tokens.h5"))
+    token_files = list_token_files(d)
     report.token_files = len(token_files)
-    if cb_path.exists():
-        report.has_codebook = True
-        cb = _check_codebook(cb_path, report)
-        if cb is not None:
-            for p in paths:
-                tp = token_path(p)
-                info = readable.get(p.name)
-                if not tp.exists():
-                    report.problems.append(Problem(tp.name, "missing: the directory has a codebook "
-                                                            "(re-run `videolm quantize`)"))
-                    report.broken_tokens.append(tp.name)
-                elif info is not None:
-                    _check_tokens(tp, cb, info["num_clips"], report)
-    elif token_files:
-        report.problems.append(Problem(token_files[0].name, f"{len(token_files)} token file(s) but no "
-                                                            f"{CODEBOOK_NAME}; they cannot be used", "warning"))
-    report.broken_shards = sorted(set(report.broken_shards))
-    return report
+    if not cb_path.exists():
+        if token_files:
+            report.problems.append(Problem(token_files[0].name, f"{len(token_files)} token file(s) but no "
+                                                                f"{CODEBOOK_NAME}; they cannot be used", "warning"))
+        return
+    report.has_codebook = True
+    codebook = _check_codebook(cb_path, report)
+    if codebook is None:
+        return
+    for p in paths:
+        tp = token_path(p)
+        info = readable.get(p.name)
+        if not tp.exists():
+            report.problems.append(Problem(tp.name, "missing: the directory has a codebook "
+                                                    "(re-run `videolm quantize`)"))
+            report.broken_tokens.append(tp.name)
+        elif info is not None:
+            _check_tokens(tp, codebook, info["num_clips"], report)
 
 
-def read_extract_config(d: Path) -> dict | None:
-    try:
-        return json.loads((d / "extract_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-
+# --------------------------------------------------------------------------- repair
 
 def recorded_extract_config(directory: str | os.PathLike, workers: int | None = None):
     """The ExtractConfig the directory was written with (extract_config.json + a readable shard's config)."""
@@ -350,14 +410,14 @@ def recorded_extract_config(directory: str | os.PathLike, workers: int | None = 
     d = Path(directory)
     recorded = read_extract_config(d)
     if recorded is None:
-        raise VerifyError(f"{d}/extract_config.json is missing or unreadable: cannot re-extract with the "
+        raise VerifyError(f"{d}/{EXTRACT_CONFIG_NAME} is missing or unreadable: cannot re-extract with the "
                           "recorded configuration")
     key = recorded["key"]
     fields = {f.name for f in dataclasses.fields(ExtractConfig)}
     base: dict = {}
     for p in list_shards(d):  # batch size, backend, device: only the shards record them
         problems, info = check_shard(p)
-        if info is not None and info["config"] and not any(x.severity == "error" for x in problems):
+        if info is not None and info["config"] and not _has_error(problems):
             base = {k: v for k, v in json.loads(info["config"]).items() if k in fields}
             break
     sampling = key.get("sampling") or {}
@@ -421,7 +481,6 @@ def repair_directory(directory: str | os.PathLike, manifest: str | os.PathLike |
 def _retokenise(d: Path, result: RepairResult) -> bool:
     """Rewrite missing token files with the existing codebook (same settings: nothing is refitted)."""
     from ..config import from_dict
-    from .shards import ShardError, read_codebook_attrs
     from ..quantize.kmeans import QuantizeConfig
     from ..quantize.job import QuantizeError, run_quantize
 

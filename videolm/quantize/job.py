@@ -23,13 +23,14 @@ import numpy as np
 
 from .. import __version__
 from ..config import to_dict
-from ..features.shards import (
-    CODEBOOK_NAME, ShardError, ShardReader, check_same_config, config_key, list_shards, partial_name,
-    read_codebook, read_codebook_attrs, read_token_attrs, read_token_file, token_path, write_codebook,
-    write_token_file,
-)
-from .kmeans import SPECIAL_TOKENS, TOKEN_OFFSET, Codebook, QuantizeConfig, fit_codebook, normalize_rows, word_stats
 from ..errors import VideolmError
+from ..features.shards import (
+    CODEBOOK_NAME, EXTRACT_CONFIG_NAME, ShardReader, check_same_config, config_key, list_shards,
+    partial_name, planned_shard_count, read_codebook, read_codebook_attrs, read_token_attrs, read_token_file,
+    token_path, unfinished_quantize_files, write_codebook, write_token_file,
+)
+from ..model.inputs import VISUAL_SPECIAL_TOKENS, VISUAL_TOKEN_OFFSET
+from .kmeans import Codebook, QuantizeConfig, fit_codebook, normalize_rows, word_stats
 
 log = logging.getLogger("videolm.quantize.kmeans")
 
@@ -99,9 +100,9 @@ def _codebook_attrs(cb: Codebook, cfg: QuantizeConfig, features_key: str, sample
         "inertia_per_level": json.dumps(inertia),
         "vocab_size": cb.vocab_size,
         "leaves": int(len(cb.levels[-1]["centroids"])),
-        "special_tokens": json.dumps(list(SPECIAL_TOKENS)),
-        "token_offset": TOKEN_OFFSET,
-        "model_vocab_size": cb.vocab_size + TOKEN_OFFSET,
+        "special_tokens": json.dumps(list(VISUAL_SPECIAL_TOKENS)),
+        "token_offset": VISUAL_TOKEN_OFFSET,
+        "model_vocab_size": cb.vocab_size + VISUAL_TOKEN_OFFSET,
         "fingerprint": cb.fingerprint(),
         "videolm_version": __version__,
     }
@@ -114,14 +115,11 @@ def load_codebook(path: str | Path) -> tuple[Codebook, dict]:
 
 def _check_extraction_finished(directory: Path, paths: list[Path]) -> None:
     """A codebook fitted before every extraction node finished would be fitted on a subset of the data."""
-    config = directory / "extract_config.json"
+    config = directory / EXTRACT_CONFIG_NAME
     if not config.is_file():  # shards written by other means: nothing to compare with
         return
-    key = json.loads(config.read_text()).get("key", {})
-    if not key.get("num_videos") or not key.get("shard_size"):
-        return
-    expected = -(-int(key["num_videos"]) // int(key["shard_size"]))
-    if len(paths) < expected:
+    expected = planned_shard_count(json.loads(config.read_text()).get("key", {}))
+    if expected is not None and len(paths) < expected:
         raise QuantizeError(f"{directory}: {len(paths)} of {expected} shards are finished; extraction is still "
                             "running or was interrupted. Quantise after every extraction node has finished "
                             "(re-run `videolm extract` to complete it)")
@@ -143,7 +141,7 @@ def run_quantize(features: str | Path, cfg: QuantizeConfig, report_dir: str | Pa
             raise QuantizeError(f"{directory}: the shards hold no clips (did every video fail? see failures.jsonl)")
         if total < cfg.k:
             raise QuantizeError(f"{directory}: {total} clips cannot make {cfg.k} clusters")
-        features_key = config_key(readers[0])
+        features_key = config_key(readers[0].config)
         cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
         final_cb = directory / CODEBOOK_NAME
         existing = read_codebook_attrs(final_cb)
@@ -167,56 +165,72 @@ def _quantize(directory, readers, cfg, cfg_json, features_key, existing, progres
     final_cb = directory / CODEBOOK_NAME
     tag = hashlib.sha256((cfg_json + features_key).encode()).hexdigest()[:12]  # names this config's partials
     partial_cb = partial_name(final_cb, tag)
-    t_fit = 0.0
-    if existing is not None:
-        codebook, attrs = load_codebook(final_cb)
-        _say(progress, f"quantize: reusing {final_cb.name} (same settings)")
-    elif partial_cb.exists():
-        codebook, attrs = load_codebook(partial_cb)
-        _say(progress, "quantize: resuming with the codebook fitted by an interrupted run")
-    else:
-        t = time.monotonic()
-        sample = sample_features(readers, cfg.sample, cfg.seed, progress)
-        sample = normalize_rows(sample, cfg.normalize, inplace=True)
-        bars = {}
-
-        def on_level(level, done, total):
-            if level not in bars:
-                bars[level] = _bar(total, f"fit level {level + 1}/{cfg.levels}", progress)
-            bars[level].update(1)
-            if done == total:
-                bars[level].close()
-
-        codebook, inertia = fit_codebook(sample, cfg, on_level)
-        attrs = _codebook_attrs(codebook, cfg, features_key, len(sample), inertia)
-        del sample
-        write_codebook(partial_cb, codebook.levels, attrs)
-        t_fit = time.monotonic() - t
+    codebook, attrs, t_fit = _codebook_to_use(final_cb, partial_cb, existing, readers, cfg, features_key, progress)
     fingerprint = attrs["fingerprint"]
     _remove_stale(directory, keep={partial_cb.name} | {partial_name(token_path(r.path), fingerprint).name
                                                        for r in readers})
-
     t = time.monotonic()
+    counts, to_publish = _tokenise_shards(readers, codebook, fingerprint, partial_cb, progress)
+    for src, dst in to_publish:  # tokens first: a reader trusts them only with the matching codebook
+        src.replace(dst)
+    if partial_cb.exists():
+        partial_cb.replace(final_cb)
+    return _summary(directory, final_cb, attrs, counts, t_fit, time.monotonic() - t)
+
+
+def _codebook_to_use(final_cb: Path, partial_cb: Path, existing: dict | None, readers: list[ShardReader],
+                     cfg: QuantizeConfig, features_key: str, progress: bool) -> tuple[Codebook, dict, float]:
+    """The published codebook when its settings match, else an interrupted run's, else a new fit (written as a
+    partial); with the seconds spent fitting."""
+    if existing is not None:
+        codebook, attrs = load_codebook(final_cb)
+        _say(progress, f"quantize: reusing {final_cb.name} (same settings)")
+        return codebook, attrs, 0.0
+    if partial_cb.exists():
+        codebook, attrs = load_codebook(partial_cb)
+        _say(progress, "quantize: resuming with the codebook fitted by an interrupted run")
+        return codebook, attrs, 0.0
+    t = time.monotonic()
+    codebook, attrs = _fit(readers, cfg, features_key, progress)
+    write_codebook(partial_cb, codebook.levels, attrs)
+    return codebook, attrs, time.monotonic() - t
+
+
+def _fit(readers: list[ShardReader], cfg: QuantizeConfig, features_key: str, progress: bool) -> tuple[Codebook, dict]:
+    sample = sample_features(readers, cfg.sample, cfg.seed, progress)
+    sample = normalize_rows(sample, cfg.normalize, inplace=True)
+    codebook, inertia = fit_codebook(sample, cfg, _level_bars(cfg.levels, progress))
+    return codebook, _codebook_attrs(codebook, cfg, features_key, len(sample), inertia)
+
+
+def _level_bars(levels: int, progress: bool):
+    """A ``fit_codebook`` progress callback: one bar per tree level."""
+    bars = {}
+
+    def on_level(level, done, total):
+        if level not in bars:
+            bars[level] = _bar(total, f"fit level {level + 1}/{levels}", progress)
+        bars[level].update(1)
+        if done == total:
+            bars[level].close()
+
+    return on_level
+
+
+def _tokenise_shards(readers: list[ShardReader], codebook: Codebook, fingerprint: str, partial_cb: Path,
+                     progress: bool) -> tuple[np.ndarray, list[tuple[Path, Path]]]:
+    """Clips per word over all shards, and the (partial, final) token files to publish.
+
+    On a QuantizeError (NaN features) every partial of this run is deleted, so nothing gets published.
+    """
     counts = np.zeros(codebook.vocab_size, dtype=np.int64)
     to_publish = []
     try:
         with _bar(len(readers), "assign", progress) as bar:
             for r in readers:
-                final_tok = token_path(r.path)
-                partial_tok = partial_name(final_tok, fingerprint)
-                done = next((p for p in (final_tok, partial_tok)
-                             if (read_token_attrs(p) or {}).get("codebook_fingerprint") == fingerprint), None)
-                if done is not None:
-                    tokens, _ = read_token_file(done)
-                else:
-                    tokens, paths = _assign_shard(r, codebook)
-                    write_token_file(partial_tok, tokens, paths, {
-                        "codebook_fingerprint": fingerprint, "shard": r.path.name, "num_clips": r.num_clips,
-                        "manifest_sha256": str(r.attrs.get("manifest_sha256", "")),
-                    })
-                    done = partial_tok
-                if done != final_tok:
-                    to_publish.append((done, final_tok))
+                tokens, written = _shard_tokens(r, codebook, fingerprint)
+                if written != token_path(r.path):
+                    to_publish.append((written, token_path(r.path)))
                 counts += np.bincount(tokens, minlength=codebook.vocab_size)
                 bar.update(1)
     except QuantizeError:
@@ -224,12 +238,27 @@ def _quantize(directory, readers, cfg, cfg_json, features_key, existing, progres
             p.unlink(missing_ok=True)
         partial_cb.unlink(missing_ok=True)
         raise
-    for src, dst in to_publish:  # tokens first: a reader trusts them only with the matching codebook
-        src.replace(dst)
-    if partial_cb.exists():
-        partial_cb.replace(final_cb)
-    t_assign = time.monotonic() - t
+    return counts, to_publish
 
+
+def _shard_tokens(reader: ShardReader, codebook: Codebook, fingerprint: str) -> tuple[np.ndarray, Path]:
+    """The shard's words and the file holding them: a token file of this codebook when one exists (published
+    or left by an interrupted run), else a partial written now."""
+    final_tok = token_path(reader.path)
+    partial_tok = partial_name(final_tok, fingerprint)
+    for p in (final_tok, partial_tok):
+        if (read_token_attrs(p) or {}).get("codebook_fingerprint") == fingerprint:
+            return read_token_file(p)[0], p
+    tokens, paths = _assign_shard(reader, codebook)
+    write_token_file(partial_tok, tokens, paths, {
+        "codebook_fingerprint": fingerprint, "shard": reader.path.name, "num_clips": reader.num_clips,
+        "manifest_sha256": str(reader.attrs.get("manifest_sha256", "")),
+    })
+    return tokens, partial_tok
+
+
+def _summary(directory: Path, final_cb: Path, attrs: dict, counts: np.ndarray, t_fit: float,
+             t_assign: float) -> dict:
     stats = word_stats(counts, int(attrs["leaves"]))
     return {
         "features": str(directory),
@@ -252,10 +281,9 @@ def _remove_stale(directory: Path, keep: set[str]) -> None:
 
     One quantize run per directory at a time: a concurrent run's files would look stale.
     """
-    for pattern in ("shard_*.tokens.h5.*", f"{CODEBOOK_NAME}.*"):
-        for p in directory.glob(pattern):
-            if (".tmp-" in p.name or ".partial-" in p.name) and p.name not in keep:
-                p.unlink(missing_ok=True)
+    for p in unfinished_quantize_files(directory):
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
 
 
 def _assign_shard(reader: ShardReader, codebook: Codebook):

@@ -26,11 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-
-# Model-side token ids: visual word w becomes ``w + TOKEN_OFFSET``; the ids below
-# are the special tokens a VideoBERT-style model needs in the same embedding table.
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-TOKEN_OFFSET = len(SPECIAL_TOKENS)
+from ..model.inputs import VISUAL_TOKEN_OFFSET
 
 # Faiss settings. "fast" subsamples each k-means to max_points_per_centroid * k points
 # and stops early; measured (benchmarks/bench_quantize.py) to match MiniBatchKMeans'
@@ -59,7 +55,8 @@ class QuantizeConfig:
             raise ConfigError(f"k must be >= 2, got {self.k}")
         if not 1 <= self.levels <= 8:
             raise ConfigError(f"levels must be in 1..8, got {self.levels}")
-        if self.k ** self.levels > 2**31 - 1 - TOKEN_OFFSET:
+        # The model adds VISUAL_TOKEN_OFFSET to every word id, and the sum must stay an int32.
+        if self.k ** self.levels > 2**31 - 1 - VISUAL_TOKEN_OFFSET:
             raise ConfigError(f"k^levels = {self.k ** self.levels} words does not fit in int32 token ids")
         if self.sample < self.k:
             raise ConfigError(f"sample ({self.sample}) must be at least k ({self.k})")
