@@ -392,7 +392,8 @@ def hierarchical_benchmark() -> dict:
 
 def ensure_feature_dir(root: Path) -> tuple[Path, float | None]:
     """Write the generated features as float16 shards once; reuse them when the marker matches."""
-    from videolm.features.shards import ShardWriter, shard_name
+    from videolm.features.layout import shard_name
+    from videolm.features.shards import ShardWriter
 
     d = root / f"quantize_features_v{GEN_VERSION}"
     marker = d / "bench_features.json"
@@ -422,7 +423,7 @@ def ensure_feature_dir(root: Path) -> tuple[Path, float | None]:
 
 
 def _clean_quantize_outputs(d: Path) -> None:
-    from videolm.features.shards import CODEBOOK_NAME, list_token_files, unfinished_quantize_files
+    from videolm.features.layout import CODEBOOK_NAME, list_token_files, unfinished_quantize_files
 
     for p in [d / CODEBOOK_NAME, *list_token_files(d), *unfinished_quantize_files(d)]:
         p.unlink(missing_ok=True)

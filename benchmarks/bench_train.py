@@ -52,6 +52,7 @@ train.py, pinned memory as in train.py) and also reports
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -200,7 +201,8 @@ def wait_until_quiet(max_other: float, max_wait: float) -> float:
 
 def make_data(root: Path, videos: int, shards: int, dim: int, seed: int = 0) -> dict:
     """Shards + manifest; reused when ``root`` already holds the same generated data."""
-    from videolm.features.shards import ShardWriter, shard_name
+    from videolm.features.layout import shard_name
+    from videolm.features.shards import ShardWriter
     from videolm.manifests.manifest import Caption, VideoEntry, write_manifest
 
     feats_dir, manifest = root / "features", root / "manifest.jsonl"
@@ -275,99 +277,62 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class Trainer:
-    """Model, objectives and optimizer exactly as ``train._train`` builds them (one process)."""
+class TimedBatches:
+    """Wraps a batch iterator and adds up the seconds spent waiting in ``next`` (the data wait)."""
 
-    def __init__(self, cfg, mcfg, stage, objectives, device: str):
-        import torch
+    def __init__(self, batches):
+        self.batches, self.waited = batches, 0.0
 
-        from videolm.model.video_text import VideoTextModel
-        from videolm.pretrain.trainer import ObjectiveRunner, build_optimizer, lr_factor, task_key
+    def __iter__(self):
+        return self
 
-        tc = cfg.train
-        torch.manual_seed(tc.seed)
-        self.model = VideoTextModel(mcfg).to(device)
-        self.optimizer = build_optimizer(self.model, tc)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.schedule))
-        self.runner = ObjectiveRunner(self.model, objectives)
-        self.runner.train()
-        self.cfg, self.stage, self.device = cfg, stage, device
-        self.stage_index = cfg.stages.index(stage)
-        self.weights = {task_key(si, o.name): o.weight for si, s in enumerate(cfg.stages) for o in s.objectives}
-
-    def step(self, batch_cpu: dict, step: int, names: list[str] | None = None, optimize: bool = True) -> dict:
-        """One optimizer step of train.py's loop (grad_accum 1, one process); returns timings and loss."""
-        import torch
-        import torch.nn as nn
-
-        from videolm.pretrain.collate import batch_to
-        from videolm.errors import TrainError
-        from videolm.pretrain.trainer import _autocast, choose_objectives, step_seed, task_key
-
-        tc, stage, device = self.cfg.train, self.stage, self.device
+    def __next__(self):
         t0 = time.perf_counter()
-        names = names or choose_objectives(stage, tc.seed, step)
-        tasks = [task_key(self.stage_index, n) for n in names]
-        seed = step_seed(tc.seed, step, 0)
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        batch = batch_to(batch_cpu, device)
-        with _autocast(device, tc.precision):
-            per_task = self.runner(batch, tasks, gen)
-            total, out = 0.0, {}
-            for task, values_of_task in per_task.items():
-                parts = [v for k, v in values_of_task.items() if k.endswith("_loss")]
-                total = total + self.weights[task] * sum(parts)
-                out.update(values_of_task)
-            if not torch.isfinite(total):
-                raise TrainError(f"step {step + 1}: loss is {total.item()}")
-        t1 = time.perf_counter()
-        total.backward()
-        values = {k: (v.item() if torch.is_tensor(v) else float(v)) for k, v in out.items()}
-        values["loss"] = total.item()
-        t2 = time.perf_counter()
-        if optimize:
-            if tc.grad_clip:
-                values["grad_norm"] = float(nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip))
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        t3 = time.perf_counter()
-        return {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "opt_s": t3 - t2, "loss": values["loss"]}
+        batch = next(self.batches)
+        self.waited += time.perf_counter() - t0
+        return batch
 
 
-def timed_run(trainer: Trainer, batches, warmup: int, steps: int, device: str) -> dict:
-    """``warmup`` untimed steps, then ``steps`` timed ones; ``batches`` is an iterator of CPU batches."""
+def build_bench_run(device: str):
+    """The run exactly as ``videolm pretrain`` builds it (``pretrain.run.build_run``), one process."""
+    from videolm.features.shards import FeatureStore
+    from videolm.pretrain.run import build_run
+
+    # a store of its own: HDF5 handles opened before the fork must not be used in the child
+    return build_run(S.cfg, FeatureStore(S.features), S.entries, device)
+
+
+def timed_run(run, batches, warmup: int, steps: int, device: str) -> dict:
+    """``warmup`` untimed steps, then ``steps`` timed ones of ``trainer.train_step``; ``batches`` yields CPU batches."""
     import torch
 
-    per_step, losses, wait = [], [], []
+    from videolm.pretrain.trainer import train_step
+
+    per_step, losses = [], []
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    t_start, watch = None, CpuWatch()
+    t_start, watch, batches = None, CpuWatch(), TimedBatches(batches)
+    run.runner.train()
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             watch.start()
             t_start = time.perf_counter()
-        t0 = time.perf_counter()
-        batch = next(batches)
-        t1 = time.perf_counter()
-        r = trainer.step(batch, step)
-        t2 = time.perf_counter()
-        losses.append(r["loss"])
+        waited_before, t0 = batches.waited, time.perf_counter()
+        result = train_step(run, step, batches)
+        _sync(device)
+        losses.append(result.values["loss"])
         if step >= warmup:
-            per_step.append({**r, "data_s": t1 - t0, "step_s": t2 - t0})
-            wait.append(t1 - t0)
-    _sync(device)
+            per_step.append({"data_s": batches.waited - waited_before, "step_s": time.perf_counter() - t0})
     wall = time.perf_counter() - t_start
     cpu = watch.stop()
-    bs = trainer.cfg.train.batch_size
+    bs = run.cfg.train.batch_size
+    data_s = [p["data_s"] for p in per_step]
     out = {**cpu, "wall_s": wall, "examples_per_s": bs * steps / wall, "losses": losses,
-           "median_s": {k: statistics.median(p[k] for p in per_step) for k in ("data_s", "fwd_s", "bwd_s", "opt_s",
-                                                                              "step_s")},
-           "data_wait_share": sum(wait) / wall}
+           "median_s": {"data_s": statistics.median(data_s),
+                        "step_s": statistics.median(p["step_s"] for p in per_step),
+                        "compute_s": statistics.median(p["step_s"] - p["data_s"] for p in per_step)},
+           "data_wait_share": sum(data_s) / wall}
     if device.startswith("cuda"):
         out["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -376,19 +341,6 @@ def timed_run(trainer: Trainer, batches, warmup: int, steps: int, device: str) -
 def _cycle(items):
     while True:
         yield from items
-
-
-def make_loader(dataset, sampler_args, collate, workers: int, device: str):
-    """The DataLoader of train._train, verbatim apart from the worker count."""
-    import torch
-
-    from videolm.pretrain.trainer import PlannedBatches
-
-    sampler = PlannedBatches(*sampler_args)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-        pin_memory=device.startswith("cuda"), persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -455,8 +407,8 @@ class _Counter:
             i += 1
 
 
-def _loader_for(mode: str):
-    """DataLoader for ``loader_w<N>[_serialtok|_ipc]``."""
+def _loader_for(mode: str, run):
+    """DataLoader for ``loader_w<N>[_serialtok|_ipc]``: ``run``'s own (``Run.make_loader``) but for the workers."""
     import torch
 
     parts = mode.split("_")
@@ -468,7 +420,7 @@ def _loader_for(mode: str):
         return torch.utils.data.DataLoader(
             _Precollated(S.memory_batches), batch_size=None, sampler=_Counter(), num_workers=workers,
             pin_memory=S.cuda, persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    return make_loader(S.dataset, S.sampler_args, S.collate, workers, S.args.device)
+    return run.make_loader(workers)
 
 
 def child_main_costs() -> dict:
@@ -488,7 +440,7 @@ def child_main_costs() -> dict:
 
 def child_loader_alone(mode: str) -> dict:
     n = len(S.memory_batches)
-    it = iter(_loader_for(mode))
+    it = iter(_loader_for(mode, S.run))
     next(it)  # worker start-up
     t0 = time.perf_counter()
     for _ in range(n):
@@ -503,31 +455,33 @@ def child_timed(mode: str) -> dict:
     a = S.args
     if S.cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
-    trainer = Trainer(S.cfg, S.mcfg, S.stage, S.objectives, a.device)
-    if mode == "memory":
-        batches = _cycle(S.memory_batches)
-    else:
-        batches = iter(_loader_for(mode))
-    r = timed_run(trainer, batches, a.warmup, a.steps, a.device)
-    r["parameters"] = sum(q.numel() for q in trainer.model.parameters())
+    run = build_bench_run(a.device)
+    batches = _cycle(S.memory_batches) if mode == "memory" else iter(_loader_for(mode, run))
+    r = timed_run(run, batches, a.warmup, a.steps, a.device)
+    r["parameters"] = sum(q.numel() for q in run.runner.parameters())
     r["device_name"] = torch.cuda.get_device_name(torch.device(a.device)) if S.cuda else "cpu"
     r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this training process
     return r
 
 
 def child_objectives() -> dict:
+    """Each objective of the stage alone: the median time of a whole ``train_step`` on in-memory batches."""
+    from videolm.pretrain.trainer import train_step
+
     a = S.args
-    trainer = Trainer(S.cfg, S.mcfg, S.stage, S.objectives, a.device)
+    run = build_bench_run(a.device)
+    run.runner.train()
     out, watch = {}, CpuWatch().start()
-    for o in S.stage.objectives:
-        times = []
+    for o in S.stage.active:
+        times, batches = [], _cycle(S.memory_batches)
         for i in range(a.warmup + a.objective_steps):
-            r = trainer.step(S.memory_batches[i % len(S.memory_batches)], i, names=[o.name], optimize=False)
+            t0 = time.perf_counter()
+            train_step(run, i, batches, names=[o.name])
+            _sync(a.device)
             if i >= a.warmup:
-                times.append(r)
-        out[o.name] = {k: _r(_median([t[k] for t in times]), 5) for k in ("fwd_s", "bwd_s")}
-        out[o.name]["fwd_bwd_s"] = _r(_median([t["fwd_s"] + t["bwd_s"] for t in times]), 5)
-        log(f"objective {o.name}: {out[o.name]['fwd_bwd_s'] * 1e3:.0f} ms forward+backward")
+                times.append(time.perf_counter() - t0)
+        out[o.name] = {"step_s": _r(_median(times), 5)}
+        log(f"objective {o.name}: {out[o.name]['step_s'] * 1e3:.0f} ms per step alone")
     out["other_cpu_cores_meanwhile"] = _r(watch.stop()["other_cpu_cores"], 3)
     return out
 
@@ -586,15 +540,10 @@ def main(argv=None) -> int:
     S.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(1)  # the parent only prepares data; see "child processes" above
 
-    from videolm.pretrain.collate import Collator
-    from videolm.pretrain.dataset import VideoTextDataset
     from videolm.features.shards import FeatureStore
     from videolm.manifests.manifest import load_manifest
-    from videolm.model.video_text import resolve_model_config
-    from videolm.pretrain.objectives import TextVocab, build_objective
-    from videolm.pretrain.recipe import PretrainConfig, TrainConfig
-    from videolm.model.text import load_tokenizer, resolve_text_dir
-    from videolm.pretrain.trainer import PlannedBatches, task_key
+    from videolm.pretrain.recipe import TrainConfig
+    from videolm.pretrain.run import PlannedBatches, build_run
 
     default_workers = [TrainConfig().num_workers, 0]
     workers = [int(w) for w in args.workers.split(",")] if args.workers else default_workers
@@ -613,22 +562,19 @@ def main(argv=None) -> int:
         log(f"data: {args.videos} videos in {args.shards} shards under {root}")
         data = make_data(root, args.videos, args.shards, args.feature_dim, args.seed)
         cfg, source = build_recipe(args)
-        stage = cfg.stages[-1]
+        # the recipe's last stage (UniVL's stage 2) as a one-stage recipe, so every timed step runs it
+        stage = dataclasses.replace(cfg.stages[-1], fraction=1.0)
+        cfg = dataclasses.replace(cfg, stages=(stage,))
         tc = cfg.train
         store = FeatureStore(data["features"])
         entries = load_manifest(data["manifest"], tc.split)
-        mcfg = resolve_model_config(cfg.model, store.dim, int(store.codebook_attrs["model_vocab_size"])
-                                    if store.codebook_attrs else 0)
-        cfg = PretrainConfig(cfg.data, mcfg, tc, cfg.stages)
-        dataset = VideoTextDataset(store, entries, cfg.data, seed=tc.seed)
-        tokenizer = load_tokenizer(resolve_text_dir(cfg.model.text_init))
-        vocab = TextVocab.from_tokenizer(tokenizer)
-        # one instance per (stage, objective), keyed like train._train
-        objectives = {task_key(si, o.name): build_objective(o.name, vocab, o.options)
-                      for si, s in enumerate(cfg.stages) for o in s.objectives}
-        collate = Collator(tokenizer, cfg.model.max_text_len, min(32, cfg.model.max_text_len))
-        sampler_args = (len(dataset), tc.batch_size, 1, 0, tc.seed, 0)
-        plan = PlannedBatches(*sampler_args)
+        S.__dict__.update(features=data["features"], entries=entries, cfg=cfg)
+        # the parent's run (on the CPU: CUDA must not start before the forks) gives the dataset and collate
+        # function every child's loader uses; each child builds its own run on its device.
+        run = build_run(cfg, store, entries, "cpu")
+        cfg, dataset, collate = run.cfg, run.dataset, run.collator()
+        mcfg = cfg.model
+        plan = PlannedBatches(len(dataset), tc.batch_size, 1, 0, tc.seed, 0)
         n_batches = args.warmup + args.steps
         data.update(examples=len(dataset), batches_per_epoch=plan.per_epoch)
         log(f"{len(dataset)} examples; recipe {source}, stage {stage.name!r} ({stage.mixing}: "
@@ -646,9 +592,8 @@ def main(argv=None) -> int:
                 del os.environ["TOKENIZERS_PARALLELISM"]
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
-        S.__dict__.update(args=args, cuda=cuda, cfg=cfg, mcfg=mcfg, stage=stage, objectives=objectives,
-                          dataset=dataset, collate=collate, sampler_args=sampler_args, plan=plan,
-                          memory_batches=memory_batches)
+        S.__dict__.update(args=args, cuda=cuda, cfg=cfg, stage=stage, run=run, dataset=dataset, collate=collate,
+                          plan=plan, memory_batches=memory_batches)
 
         main_costs = in_child(child_main_costs)
         main_costs.update(
@@ -724,11 +669,10 @@ def main(argv=None) -> int:
         ref = runs["memory"][0]["losses"]
         loss_diff = max(max(abs(a - b) for a, b in zip(runs[m][0]["losses"], ref)) for m in loader_modes)
 
-        per_objective, opt_s = None, None
+        per_objective = None
         if not args.skip_objectives:
             waited.append(wait_until_quiet(args.max_other_cpu, args.quiet_wait))
             per_objective = in_child(child_objectives)
-            opt_s = throughput["memory"]["median_step_s"]["opt_s"]
 
         machine = {"platform": platform.platform(), "python": platform.python_version(),
                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": S.threads,
@@ -756,7 +700,6 @@ def main(argv=None) -> int:
             "losses_match": loss_diff < 1e-4,
             "max_loss_diff_loader_vs_memory": loss_diff,
             "per_objective": per_objective,
-            "optimizer_step_s": opt_s,
             "loader_alone": loader_alone,
             "one_process_costs": main_costs,
             "quiet_wait_s": _r(sum(waited), 1),

@@ -3,8 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from videolm.pretrain.dataset import DataConfig, DataError, VideoTextDataset, caption_spans, clip_owners, merge_segments
-from videolm.features.shards import FeatureStore, ShardWriter, shard_name
+from videolm.errors import ConfigError
+from videolm.pretrain.dataset import DataConfig, DataError, VideoTextDataset, caption_spans, merge_segments
+from videolm.features.layout import shard_name
+from videolm.features.shards import FeatureStore, ShardWriter
 from videolm.manifests.manifest import Caption, VideoEntry
 
 STARTS = np.arange(6, dtype=float)  # six 1-second clips: [0,1) [1,2) ... [5,6)
@@ -14,13 +16,6 @@ ENDS = STARTS + 1
 def test_caption_spans_cover_overlapping_clips():
     caps = [Caption(0.5, 2.0, "a"), Caption(2.0, 2.0, "point"), Caption(4.2, 9.0, "b"), Caption(7, 8, "after")]
     assert caption_spans(STARTS, ENDS, caps).tolist() == [[0, 1], [2, 2], [4, 5], [-1, -1]]
-
-
-def test_clip_owner_is_highest_iou_caption():
-    caps = [Caption(0.0, 1.6, "a"), Caption(1.4, 3.0, "b"), Caption(5.5, 5.6, "c")]
-    # clip 1 [1,2): IoU with a = 0.6/2.0, with b = 0.6/2.0 -> tie goes to a; clip 2 -> b; clip 5 -> c
-    assert clip_owners(STARTS, ENDS, caps).tolist() == [0, 0, 1, -1, -1, 2]
-    assert clip_owners(STARTS, ENDS, []).tolist() == [-1] * 6
 
 
 def test_merge_segments_reaches_min_duration():
@@ -70,8 +65,7 @@ def test_video_examples_crop_deterministically(tmp_path):
     assert (ds[0]["features"] == a["features"]).all()  # same epoch, same crop
     crops = set()
     for epoch in range(8):
-        ds.set_epoch(epoch)
-        crops.add(int(ds[0]["features"][0, 0]))
+        crops.add(int(ds[(0, epoch)]["features"][0, 0]))
     assert len(crops) > 1
 
 
@@ -79,9 +73,8 @@ def test_errors(tmp_path):
     store = make_store(tmp_path, [("v1", 3)])
     with pytest.raises(DataError, match="none of the 1 manifest videos"):
         VideoTextDataset(store, [VideoEntry("zz", "x", "train")], DataConfig())
-    with pytest.raises(DataError, match="videolm quantize"):
-        VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=(Caption(0, 1, "a"),))],
-                         DataConfig(mode="tokens"))
+    with pytest.raises(ConfigError, match="mode 'tokens' was removed.*video_input: tokens"):
+        DataConfig(mode="tokens")
     with pytest.raises(DataError, match="has a caption overlapping its clips"):
         VideoTextDataset(store, [VideoEntry("v1", "x", "train")], DataConfig())
 
@@ -98,23 +91,20 @@ def test_captions_outside_clips_are_counted_and_skipped(tmp_path, caplog):
         VideoTextDataset(store, entries[1:], DataConfig())
 
 
-def test_items_by_index_and_epoch_match_set_epoch(tmp_path):
+def test_a_plain_index_is_epoch_0(tmp_path):
     store = make_store(tmp_path, [("v1", 30)])
     caps = (Caption(0.0, 30.0, "all"),)
     ds = VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=caps)], DataConfig(mode="video", max_frames=4))
-    for epoch in range(4):
-        ds.set_epoch(epoch)
-        np.testing.assert_array_equal(ds[0]["features"], ds[(0, epoch)]["features"])
+    np.testing.assert_array_equal(ds[0]["features"], ds[(0, 0)]["features"])
 
 
-def test_tokens_mode_carries_visual_words(tmp_path):
+def test_examples_carry_visual_words_of_quantised_features(tmp_path):
     from videolm.quantize.kmeans import QuantizeConfig
     from videolm.quantize.job import run_quantize
 
     make_store(tmp_path, [("v1", 12)]).close()
     run_quantize(tmp_path, QuantizeConfig(k=2, levels=2, sample=12, normalize="none"), progress=False)
     store = FeatureStore(tmp_path)
-    ds = VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=(Caption(2, 5, "a"),))],
-                          DataConfig(mode="tokens"))
+    ds = VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=(Caption(2, 5, "a"),))], DataConfig())
     ex = ds[0]
     np.testing.assert_array_equal(ex["tokens"], store.get("v1").tokens[2:5])

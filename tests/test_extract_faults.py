@@ -20,7 +20,8 @@ import pytest
 
 from test_job import assert_same_shards, shard_contents
 from videolm.cli import main
-from videolm.features.shards import FeatureStore, list_shards
+from videolm.features.layout import list_shards
+from videolm.features.shards import FeatureStore
 from videolm.manifests.manifest import load_manifest
 from videolm.manifests.synthetic import synthesize
 from videolm.features.verify import verify_directory

@@ -16,7 +16,8 @@ from videolm.extract.config import ExtractConfig
 from videolm.extract.decode import decode_clips
 from videolm.extract.encoders import build_encoder
 from videolm.extract.job import ExtractError, run_extract
-from videolm.features.shards import FeatureStore, list_shards
+from videolm.features.layout import list_shards
+from videolm.features.shards import FeatureStore
 from videolm.manifests.manifest import VideoEntry, load_manifest, write_manifest
 from videolm.manifests.synthetic import synthesize
 

@@ -66,11 +66,7 @@ def test_named_outputs_have_the_documented_shapes(model):
     assert model(ids, tm, vm, video, with_temporal=True).temporal.shape == (B, T, H)
 
     vocab = model.word_embeddings.shape[0]
-    assert model.mlm_logits(out.cross_text).shape == (B, L, vocab)
     assert model.decode(ids, tm, out.cross_video, vm).shape == (B, L, vocab)
-    assert model.mvm_head(out.cross_video).shape == (B, T, TINY.visual_vocab)
-    assert model.mfm_head(out.cross_video).shape == (B, T, D)
-    assert model.fom_head(out.cross_video).shape == (B, T, TINY.max_frames)
     assert model.align_score(out.pooled).shape == (B,)
     t, v = model.text_embedding(out.text, tm), model.video_embedding(out.video, vm)
     c = model.clip_embeddings(out.video)
@@ -82,7 +78,7 @@ def test_named_outputs_have_the_documented_shapes(model):
 def test_text_vocab_matches_the_tokenizer(model, tok):
     # Token ids must mean the same thing in the text encoder, the MLM head and the decoder.
     assert model.word_embeddings.shape == (tok.vocab_size, TINY.hidden)
-    assert model.mlm_bias.shape == model.caption_bias.shape == (tok.vocab_size,)
+    assert model.caption_bias.shape == (tok.vocab_size,)
 
 
 def test_padding_does_not_leak_into_real_positions(model):
@@ -207,6 +203,26 @@ def test_model_config_rejects_bad_values():
         ModelConfig(max_frames=1)
 
 
+def test_only_the_listed_parts_are_built():
+    torch.manual_seed(0)
+    joint_only = VideoTextModel(dataclasses.replace(TINY, parts=()))
+    assert joint_only.parts == frozenset()
+    names = {n.split(".")[0] for n, _ in joint_only.named_parameters()}
+    assert names == {"text", "video_in", "video_pos", "video_encoder", "text_proj", "video_proj", "logit_scale"}
+    ids, tm, video, vm, _ = inputs()
+    assert joint_only.video_embedding(joint_only.encode_video(vm, video), vm).shape == (B, TINY.embed_dim)
+    with pytest.raises(ValueError, match="'cross' part, which this model was built without"):
+        joint_only(ids, tm, vm, video)
+    with pytest.raises(ValueError, match="'align' part"):
+        joint_only.align_score(torch.zeros(B, TINY.hidden))
+    # a part brings what it reads from: align and the decoder need the cross encoder
+    assert VideoTextModel(dataclasses.replace(TINY, parts=("align",))).parts == {"cross", "align"}
+    decoder = VideoTextModel(dataclasses.replace(TINY, parts=["decoder"]))  # YAML gives lists
+    assert decoder.parts == {"cross", "decoder"} and decoder.cfg.parts == ("decoder",)
+    with pytest.raises(ConfigError, match="unknown part"):
+        ModelConfig(parts=("mlm_head",))
+
+
 def test_model_needs_resolved_video_sizes():
     with pytest.raises(ConfigError, match="feature_dim"):
         VideoTextModel(dataclasses.replace(TINY, feature_dim=0))
@@ -218,7 +234,7 @@ def test_visual_words_model_needs_tokens_in_the_batch():
     torch.manual_seed(0)
     model = VideoTextModel(dataclasses.replace(TINY, video_input="tokens", feature_dim=0))
     ids, tm, video, vm, tokens = inputs()
-    assert model.video_in is None and model.mfm_head is None  # nothing for features to feed
+    assert not hasattr(model, "video_in")  # nothing for features to feed
     assert model(ids, tm, vm, video_tokens=tokens).cross_video.shape == (B, T, TINY.hidden)
     with pytest.raises(ValueError, match="visual words"):
         model(ids, tm, vm, video)

@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videolm import objectives
+from videolm.pretrain import objectives
 from videolm.pretrain.collate import Collator
 from videolm.errors import ConfigError
-from videolm.model.video_text import MASK_VISUAL_ID, ModelConfig, VideoTextModel
+from videolm.model.inputs import VISUAL_MASK_ID
+from videolm.model.video_text import ModelConfig, VideoTextModel
 from videolm.pretrain.objectives import (IGNORE, OBJECTIVES, MaskedLanguageModelling, TextVocab, build_objective,
                                 sample_mask, shuffle_clips)
 from videolm.model.text import load_tokenizer
@@ -82,14 +83,10 @@ def gen(seed: int) -> torch.Generator:
 def example(video_id, features, texts, spans, tokens=None, rng=None):
     n = len(features)
     rng = rng or np.random.default_rng(0)
-    owner = np.full(n, -1)
-    for j, (a, b) in enumerate(spans):
-        if a >= 0:
-            owner[a : b + 1] = j
     return dict(video_id=video_id, features=np.asarray(features, np.float32),
                 tokens=rng.integers(0, VISUAL_WORDS, n) if tokens is None else np.asarray(tokens),
                 clip_starts=np.arange(n, dtype=float), clip_ends=np.arange(n) + 1.0, texts=list(texts),
-                text_spans=np.array(spans, dtype=np.int64).reshape(-1, 2), clip_owner=owner)
+                text_spans=np.array(spans, dtype=np.int64).reshape(-1, 2))
 
 
 def handmade_batch(collate, shared_video=False):
@@ -182,8 +179,8 @@ def _text_batch(vocab, B=64, L=128, seed=0):
     return ids, mask
 
 
-def test_mlm_corruption_rates_and_80_10_10_split(vocab):
-    mlm = MaskedLanguageModelling(vocab)
+def test_mlm_corruption_rates_and_80_10_10_split(model, vocab):
+    mlm = MaskedLanguageModelling(model, vocab)
     ids, mask = _text_batch(vocab)
     out, labels = mlm.corrupt(ids, mask, gen(0))
     chosen = labels != IGNORE
@@ -211,9 +208,9 @@ def test_mlm_corruption_rates_and_80_10_10_split(vocab):
     assert (out[chosen] < vocab.size).all() and (out >= 0).all()
 
 
-def test_mlm_corruption_is_reproducible_from_the_generator(vocab):
+def test_mlm_corruption_is_reproducible_from_the_generator(model, vocab):
     # A resumed run must draw the same masks: everything comes from `gen`.
-    mlm = MaskedLanguageModelling(vocab)
+    mlm = MaskedLanguageModelling(model, vocab)
     ids, mask = _text_batch(vocab, B=4, L=32)
     a, b = mlm.corrupt(ids, mask, gen(7)), mlm.corrupt(ids, mask, gen(7))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -264,7 +261,7 @@ def test_shuffle_clips_moves_15_percent_and_every_moved_clip_changes_place():
 
 def test_mlm_predicts_the_original_ids_of_its_corrupted_positions(model, vocab, collate, monkeypatch, rec_f):
     batch = handmade_batch(collate)
-    mlm = build_objective("mlm", vocab, {"mask_prob": 0.4})
+    mlm = build_objective("mlm", model, vocab, {"mask_prob": 0.4})
     expected_ids, labels = mlm.corrupt(batch["text_ids"], batch["text_mask"], gen(3))
     fwd = record_calls(monkeypatch, model, "forward")
     mlm(model, batch, gen(3))
@@ -279,11 +276,11 @@ def test_mvm_masks_visual_words_and_predicts_the_originals(model, vocab, collate
     batch = handmade_batch(collate)
     vm, original = batch["video_mask"], batch["video_tokens"]
     fwd = record_calls(monkeypatch, model, "forward")
-    build_objective("mvm", vocab, {"mask_prob": 0.4})(model, batch, gen(0))
+    build_objective("mvm", model, vocab, {"mask_prob": 0.4})(model, batch, gen(0))
     tokens_in, video_in = fwd[0]["video_tokens"], fwd[0]["video"]
     chosen = tokens_in != original
     assert chosen.sum() >= 2 and not (chosen & ~vm).any()
-    assert (tokens_in[chosen] == MASK_VISUAL_ID).all()
+    assert (tokens_in[chosen] == VISUAL_MASK_ID).all()
     # the same clips lose their features (a features model must not see what it predicts)
     assert (video_in[chosen] == 0).all()
     assert torch.equal(video_in[~chosen], batch["video"][~chosen])
@@ -297,7 +294,7 @@ def test_mfm_nce_target_is_the_masked_clips_own_feature(model, vocab, collate, m
     batch = handmade_batch(collate)
     vm = batch["video_mask"]
     fwd = record_calls(monkeypatch, model, "forward")
-    build_objective("mfm_nce", vocab, {"mask_prob": 0.5})(model, batch, gen(2))
+    build_objective("mfm_nce", model, vocab, {"mask_prob": 0.5})(model, batch, gen(2))
     video_in = fwd[0]["video"]
     chosen = (video_in != batch["video"]).any(-1)
     assert chosen.sum() >= 3 and len(chosen.any(1).nonzero()) >= 2, "want masked clips in several rows"
@@ -323,7 +320,7 @@ def test_mfm_nce_does_not_use_a_repeated_clip_as_a_negative(model, vocab, collat
     batch = collate([seg_a, seg_b, other])
     vm = batch["video_mask"]
     fwd = record_calls(monkeypatch, model, "forward")
-    build_objective("mfm_nce", vocab, {"mask_prob": 0.6})(model, batch, gen(0))
+    build_objective("mfm_nce", model, vocab, {"mask_prob": 0.6})(model, batch, gen(0))
     chosen = (fwd[0]["video"] != batch["video"]).any(-1)
     (logits, target), = rec_f.ce
     flat = [(b, t) for b, t in vm.nonzero().tolist()]  # candidate order
@@ -339,7 +336,7 @@ def test_mfm_nce_does_not_use_a_repeated_clip_as_a_negative(model, vocab, collat
 def test_mfm_reg_regresses_the_masked_clips_original_features(model, vocab, collate, monkeypatch, rec_f):
     batch = handmade_batch(collate)
     fwd = record_calls(monkeypatch, model, "forward")
-    build_objective("mfm_reg", vocab, {"mask_prob": 0.5})(model, batch, gen(2))
+    build_objective("mfm_reg", model, vocab, {"mask_prob": 0.5})(model, batch, gen(2))
     chosen = (fwd[0]["video"] != batch["video"]).any(-1)
     assert chosen.sum() >= 2
     (pred, target), = rec_f.mse
@@ -352,7 +349,7 @@ def test_fom_target_is_each_moved_clips_original_position(model, vocab, collate,
     batch = handmade_batch(collate)
     vm, original = batch["video_mask"], batch["video"]
     fwd = record_calls(monkeypatch, model, "forward")
-    build_objective("fom", vocab, {})(model, batch, gen(seed))
+    build_objective("fom", model, vocab, {})(model, batch, gen(seed))
     video_in = fwd[0]["video"]
     assert fwd[0]["with_temporal"], "FOM classifies from the temporal encoder"
 
@@ -384,7 +381,7 @@ def test_vsm_targets_are_the_picked_subtitles_span(model, vocab, collate, monkey
     for seed in range(8):
         rec_f.ce.clear()
         calls.clear()
-        build_objective("vsm", vocab, {})(model, batch, gen(seed))
+        build_objective("vsm", model, vocab, {})(model, batch, gen(seed))
         q_ids = calls[0]["ids"]  # the query is encoded first, before the caption/video pass
         picks = []
         for b in range(len(vm)):
@@ -410,7 +407,7 @@ def test_caption_target_is_the_caption_shifted_by_one(model, vocab, collate, mon
     ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
     fwd = record_calls(monkeypatch, model, "forward")
     dec = record_calls(monkeypatch, model, "decode")
-    build_objective("caption", vocab, {"input_mask_prob": 0.5})(model, batch, gen(0))
+    build_objective("caption", model, vocab, {"input_mask_prob": 0.5})(model, batch, gen(0))
 
     # teacher forcing: the decoder reads tokens 0..L-2 and predicts 1..L-1, padding ignored
     assert torch.equal(dec[0]["ids"], ids[:, :-1]) and torch.equal(dec[0]["mask"], tm[:, :-1])
@@ -465,11 +462,11 @@ def test_joint_never_uses_the_same_video_as_a_negative(model, vocab, collate, lo
     batch = handmade_batch(collate, shared_video=True)
     assert batch["video_key"][0] == batch["video_key"][1] != batch["video_key"][2]
     model.eval()
-    got = build_objective("joint", vocab, {"loss": loss})(model, batch, gen(0))["joint_loss"].item()
+    got = build_objective("joint", model, vocab, {"loss": loss})(model, batch, gen(0))["joint_loss"].item()
     assert got == pytest.approx(_joint_manual(model, batch, loss).item(), rel=1e-5, abs=1e-6)
     # the exclusion matters here: the same batch with distinct video ids gives another loss
     distinct = handmade_batch(collate, shared_video=False)
-    naive = build_objective("joint", vocab, {"loss": loss})(model, distinct, gen(0))["joint_loss"].item()
+    naive = build_objective("joint", model, vocab, {"loss": loss})(model, distinct, gen(0))["joint_loss"].item()
     assert abs(naive - got) > 1e-4
 
 
@@ -477,7 +474,7 @@ def test_align_never_uses_the_same_video_as_a_negative(model, vocab, collate, mo
     batch = handmade_batch(collate, shared_video=True)
     keys = batch["video_key"]
     B = len(keys)
-    obj = build_objective("align", vocab, {"negatives": 3})  # 3 > the 2 allowed ones of rows 0 and 1
+    obj = build_objective("align", model, vocab, {"negatives": 3})  # 3 > the 2 allowed ones of rows 0 and 1
     picks = []
     orig_pick = obj._pick
 
@@ -526,8 +523,8 @@ def test_vsm_global_hinge_skips_pairs_from_the_same_video(model, vocab, collate,
     batch = handmade_batch(collate, shared_video=True)
     keys, vm = batch["video_key"], batch["video_mask"]
     # margin 1 makes every hinge term positive, so an included same-video pair would show
-    obj = build_objective("vsm", vocab, {"margin": 1.0})
-    queries = record_outputs(monkeypatch, model.vsm_query, "forward")
+    obj = build_objective("vsm", model, vocab, {"margin": 1.0})
+    queries = record_outputs(monkeypatch, obj.query, "forward")
     outputs = record_outputs(monkeypatch, model, "forward")
     model.eval()
     got = obj(model, batch, gen(0))["vsm_global"]
@@ -575,11 +572,12 @@ def test_loss_and_gradients_are_finite_on_a_padded_batch(model, vocab, collate, 
     assert not batch["video_mask"].all() and not batch["text_mask"].all()
     for seed in range(3):
         model.zero_grad()
-        out = build_objective(name, vocab, options)(model, batch, gen(seed))
+        obj = build_objective(name, model, vocab, options)
+        out = obj(model, batch, gen(seed))
         loss = total_loss(out)
         assert loss.dim() == 0 and torch.isfinite(loss), (name, seed, out)
         loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in [*model.parameters(), *obj.parameters()] if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), name
         for k, v in out.items():
             if not k.endswith("_loss"):
@@ -595,7 +593,7 @@ def test_degenerate_batches_give_a_zero_loss_not_nan(model, vocab, collate):
     off_clip = collate([example(f"v{i}", rng.normal(size=(3, FEATURE_DIM)), ["not on a clip"], [[-1, -1]], rng=rng)
                         for i in range(3)])
     for name, batch in (("fom", single), ("vsm", off_clip)):
-        loss = total_loss(build_objective(name, vocab, {})(model, batch, gen(0)))
+        loss = total_loss(build_objective(name, model, vocab, {})(model, batch, gen(0)))
         assert loss.item() == 0.0, name
         loss.backward()
 
@@ -607,22 +605,22 @@ def test_mvm_on_a_visual_words_model(vocab, collate, monkeypatch):
     model = VideoTextModel(cfg)
     batch = handmade_batch(collate)
     embedded = record_calls(monkeypatch, model.visual_embed, "forward")
-    out = build_objective("mvm", vocab, {})(model, batch, gen(0))
+    out = build_objective("mvm", model, vocab, {})(model, batch, gen(0))
     assert torch.isfinite(out["mvm_loss"])
     seen = embedded[0]["input"]
     changed = seen != batch["video_tokens"]
-    assert changed.any() and (seen[changed] == MASK_VISUAL_ID).all()
+    assert changed.any() and (seen[changed] == VISUAL_MASK_ID).all()
 
 
-def test_build_objective_rejects_bad_names_and_options(vocab):
+def test_build_objective_rejects_bad_names_and_options(model, vocab):
     with pytest.raises(ConfigError, match="unknown objective"):
-        build_objective("nope", vocab, {})
+        build_objective("nope", model, vocab, {})
     with pytest.raises(ConfigError, match="bad option"):
-        build_objective("mlm", vocab, {"mask_rate": 0.2})
+        build_objective("mlm", model, vocab, {"mask_rate": 0.2})
     with pytest.raises(ConfigError):
-        build_objective("joint", vocab, {"loss": "triplet"})
+        build_objective("joint", model, vocab, {"loss": "triplet"})
     with pytest.raises(ConfigError):
-        build_objective("align", vocab, {"negatives": 0})
+        build_objective("align", model, vocab, {"negatives": 0})
 
 
 # ---------------------------------------------------------------------------------------------- overfitting
@@ -659,16 +657,17 @@ def test_every_objective_has_an_overfit_budget():
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_tiny_model_overfits_each_objective_alone(model, vocab, collate, name):
     batch = overfit_batch(collate)
-    obj = build_objective(name, vocab, {})
+    obj = build_objective(name, model, vocab, {})
     # Same settings as the trainer apart from the schedule: AdamW and gradient clipping at 1.
     # Without clipping, align (a cross-encoder ITM loss) sometimes collapses back to ln(4).
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    params = [*model.parameters(), *obj.parameters()]  # the objective's own head trains too
+    opt = torch.optim.AdamW(params, lr=3e-3)
     start = _mean_loss(obj, model, batch)  # same masks before and after: a like-for-like comparison
     for step in range(OVERFIT_STEPS[name]):
         loss = total_loss(obj(model, batch, gen(SEEDS[step % len(SEEDS)])))
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
     end = _mean_loss(obj, model, batch)
     assert end < 0.5 * start, f"{name}: loss {start:.3f} -> {end:.3f} after {OVERFIT_STEPS[name]} steps"

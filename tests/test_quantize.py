@@ -11,7 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from videolm.features.shards import FeatureStore, ShardError, ShardWriter, list_shards, shard_name, token_path
+from videolm.features.hdf5 import ShardError
+from videolm.features.layout import list_shards, shard_name, token_path
+from videolm.features.shards import FeatureStore, ShardWriter
 from videolm.model.inputs import VISUAL_TOKEN_OFFSET
 from videolm.quantize.kmeans import QuantizeConfig, fit_codebook, normalize_rows
 from videolm.quantize.job import QuantizeError, load_codebook, run_quantize

@@ -10,8 +10,9 @@ from test_train import ROOT, tiny, write_data
 from videolm.cli import main
 from videolm.features.shards import FeatureStore
 from videolm.manifests.manifest import Caption, VideoEntry, load_manifest, write_manifest
+from videolm.retrieval.evaluate import EvalConfig, rerank
 from videolm.retrieval.metrics import GroundTruth
-from videolm.retrieval.evaluate import EvalConfig, EvalError, build_queries, rerank
+from videolm.retrieval.queries import EvalError, build_queries
 from videolm.retrieval.search import search
 from videolm.pretrain.trainer import run_pretrain
 
@@ -188,16 +189,18 @@ def test_tiny_end_to_end_beats_the_untrained_model(tmp_path, capsys):
     assert reports["trained"]["R@5"] > reports["untrained"]["R@5"], reports
 
 
-def test_visual_word_model_needs_a_matching_codebook(tmp_path, caplog):
+def test_visual_word_model_needs_a_matching_codebook_and_an_align_head_to_rerank(tmp_path):
     from videolm.retrieval.job import run_eval
 
     features, manifest = write_data(tmp_path / "q", quantize=True)
     cfg = tiny({"joint": {"weight": 1.0}}, extra=["model.video_input=tokens", "max_steps=2"])
     run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
-    rep = run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20, rerank_top=2),
-                   progress=False)
+    rep = run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20), progress=False)
     assert rep["n_videos"] == 16 and rep["model"]["objectives"] == ["joint"]
-    assert "never trained 'align'" in caplog.text  # re-ranking with an untrained head is allowed, with a warning
+    # a joint-only recipe builds no optional part: no cross encoder, no align head
+    with pytest.raises(EvalError, match="recipe had no align objective .objectives: joint., so the model has no align"):
+        run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20, rerank_top=2),
+                 progress=False)
     plain, _ = write_data(tmp_path / "plain", quantize=False)
     with pytest.raises(EvalError, match="has no codebook"):
         run_eval(tmp_path / "run", plain, manifest, EvalConfig(split="train", bootstrap=20), progress=False)

@@ -132,11 +132,26 @@ def test_pickle_is_used_only_by_the_howto100m_importer():
     assert hits <= PICKLE_ALLOWED, f"pickle-capable loads outside the importer: {sorted(hits - PICKLE_ALLOWED)}"
 
 
+H5PY_IMPORT = re.compile(r"^\s*(import h5py\b|from h5py\b)", re.M)
+
+
+def h5py_users() -> set[str]:
+    return {_rel(p) for p in SOURCES if H5PY_IMPORT.search(_source(p))}
+
+
+def test_only_the_feature_store_imports_h5py():
+    users = h5py_users()
+    assert users, "no module imports h5py: the scan is broken"
+    outside = sorted(u for u in users if not u.startswith("videolm/features/"))
+    assert not outside, f"h5py imported outside videolm/features/: {outside}"
+
+
 def test_shard_and_codebook_metadata_are_json():
     # h5py never pickles; what is not an array is stored as a JSON string attribute.
-    for rel in ("features/shards.py", "quantize/job.py"):
-        text = _source(PACKAGE / rel)
-        assert "json.dumps" in text and "pickle" not in text, rel
+    for rel in sorted(h5py_users()) + ["videolm/quantize/job.py"]:
+        assert "pickle" not in _source(PACKAGE.parent / rel), rel
+    for rel in ("features/shards.py", "features/hdf5.py", "quantize/job.py"):  # config keys, checksums, codebook attrs
+        assert "json.dumps" in _source(PACKAGE / rel), rel
 
 
 class _Boom:

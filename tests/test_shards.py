@@ -4,11 +4,12 @@ import h5py
 import numpy as np
 import pytest
 
-from videolm.features.shards import (
-    CODEBOOK_NAME, FeatureStore, ShardError, ShardReader, ShardWriter, list_shards, list_token_files,
-    planned_shard_count, remove_partials, shard_count, shard_index, shard_name, token_path, unfinished_files,
-    unfinished_quantize_files,
+from videolm.features.hdf5 import ShardError
+from videolm.features.layout import (
+    CODEBOOK_NAME, list_shards, list_token_files, planned_shard_count, remove_partials, shard_count, shard_index,
+    shard_name, token_path, unfinished_files, unfinished_quantize_files,
 )
+from videolm.features.shards import FeatureStore, ShardReader, ShardWriter
 
 
 def make_shard(directory, index, videos, dim=6, config=None):

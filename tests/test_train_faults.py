@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import videolm.pretrain.trainer as train
+import videolm.pretrain.run as run_module
 from videolm.pretrain.checkpoint import latest_checkpoint, load_pretrained, load_trainer_state
 from videolm.errors import TrainError
 from videolm.pretrain.recipe import load_recipe
@@ -34,11 +34,11 @@ def data(tmp_path_factory):
 
 def poison_objectives(monkeypatch, bad_calls, how="nan", seen=None):
     """Make every objective misbehave on the given (0-based) calls; ``seen`` collects the weights at each call."""
-    real_build = train.build_objective
+    real_build = run_module.build_objective
     calls = [0]
 
-    def build(name, vocab, options):
-        real = real_build(name, vocab, options)
+    def build(name, model, vocab, options):
+        real = real_build(name, model, vocab, options)
 
         def objective(model, batch, gen):
             i = calls[0]
@@ -54,9 +54,20 @@ def poison_objectives(monkeypatch, bad_calls, how="nan", seen=None):
                     out = {k: v + torch.sqrt((p * 0).sum()) if k.endswith("_loss") else v for k, v in out.items()}
             return out
 
-        return objective
+        return Wrapped(real, objective)
 
-    monkeypatch.setattr(train, "build_objective", build)
+    monkeypatch.setattr(run_module, "build_objective", build)
+
+
+class Wrapped(torch.nn.Module):
+    """An objective (its heads stay registered, so checkpoints and the optimiser see them) called through ``fn``."""
+
+    def __init__(self, real, fn):
+        super().__init__()
+        self.real, self.fn = real, fn
+
+    def forward(self, model, batch, gen):
+        return self.fn(model, batch, gen)
 
 
 def assert_finite_checkpoints(run: Path):
@@ -118,10 +129,10 @@ def test_consecutive_bad_steps_stop_the_run(data, tmp_path, monkeypatch):
 
 def corrupt_weights_after(monkeypatch, at_call):
     """The optimizer writes NaN into the weights on its ``at_call``-th step (a diverging run)."""
-    real = train.build_optimizer
+    real = run_module.build_optimizer
 
-    def build(model, cfg):
-        opt = real(model, cfg)
+    def build(model, text, cfg):
+        opt = real(model, text, cfg)
         calls = [0]
 
         def poison(optimizer, args, kwargs):
@@ -134,7 +145,7 @@ def corrupt_weights_after(monkeypatch, at_call):
         opt.register_step_post_hook(poison)
         return opt
 
-    monkeypatch.setattr(train, "build_optimizer", build)
+    monkeypatch.setattr(run_module, "build_optimizer", build)
 
 
 def test_no_checkpoint_is_written_from_nan_weights(data, tmp_path, monkeypatch, capsys):
@@ -149,11 +160,11 @@ def test_no_checkpoint_is_written_from_nan_weights(data, tmp_path, monkeypatch, 
 
     # the Ctrl-C / SIGTERM path refuses too
     corrupt_weights_after(monkeypatch, 1)
-    real_build = train.build_objective
+    real_build = run_module.build_objective
     calls = [0]
 
-    def build(name, vocab, options):
-        real = real_build(name, vocab, options)
+    def build(name, model, vocab, options):
+        real = real_build(name, model, vocab, options)
 
         def objective(model, batch, gen):
             calls[0] += 1
@@ -161,9 +172,9 @@ def test_no_checkpoint_is_written_from_nan_weights(data, tmp_path, monkeypatch, 
                 raise KeyboardInterrupt
             return real(model, batch, gen)
 
-        return objective
+        return Wrapped(real, objective)
 
-    monkeypatch.setattr(train, "build_objective", build)
+    monkeypatch.setattr(run_module, "build_objective", build)
     run = tmp_path / "run2"
     with pytest.raises(TrainError, match="refusing to write the step-2 checkpoint.*no checkpoint was written"):
         run_pretrain(tiny({"joint": {}}, extra=["max_steps=6", "checkpoint_every=5"]), features, manifest, run,

@@ -10,9 +10,9 @@ from test_job import assert_same_shards, shard_contents
 from videolm.cli import main
 from videolm.extract.config import ExtractConfig
 from videolm.extract.job import run_extract
-from videolm.features.shards import (
-    FeatureStore, ShardError, ShardReader, dataset_digest, read_checksums, shard_name, token_path,
-)
+from videolm.features.hdf5 import ShardError, dataset_digest, read_checksums
+from videolm.features.layout import shard_name, token_path
+from videolm.features.shards import FeatureStore, ShardReader
 from videolm.quantize.kmeans import QuantizeConfig
 from videolm.quantize.job import run_quantize
 from videolm.manifests.synthetic import synthesize

@@ -29,7 +29,8 @@ import pytest
 from conftest import shared_videos
 from videolm.extract.config import ExtractConfig
 from videolm.extract.job import run_extract
-from videolm.features.shards import ShardReader, list_shards
+from videolm.features.layout import list_shards
+from videolm.features.shards import ShardReader
 from videolm.manifests.manifest import VideoEntry, load_manifest, write_manifest
 from videolm.manifests.synthetic import synthesize
 

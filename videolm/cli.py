@@ -336,7 +336,7 @@ def _add_compare(sub):
 
 
 def _cmd_compare(args) -> int:
-    from .retrieval.job import compare_runs
+    from .retrieval.compare import compare_runs
 
     table, _ = compare_runs(Path(args.report_a), Path(args.report_b), n_boot=args.bootstrap, seed=args.seed)
     print(table)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy as np
 from .errors import ConfigError
 from .extract.config import ExtractConfig
 from .config import save_yaml
-from .extract.job import run_extract
+from .extract.job import ExtractSummary, run_extract
 from .features.shards import FeatureStore
 from .manifests.manifest import load_manifest, write_manifest
 from .quantize.kmeans import QuantizeConfig
@@ -50,33 +51,77 @@ def _synth_split(data: Path, split: str, videos: int, seed: int) -> Path:
     return manifest
 
 
+@dataclass
+class DemoRun:
+    """Where a demo writes and what each of its steps reported, for the closing summary."""
+
+    out: Path
+    started: float
+    times: dict[str, float] = field(default_factory=dict)  # seconds per step
+    manifest: Path | None = None
+    extracted: ExtractSummary | None = None
+    quantized: dict = field(default_factory=dict)  # run_quantize's summary
+    pretrained: dict = field(default_factory=dict)  # run_pretrain's summary
+    reports: dict = field(default_factory=dict)  # retrieval report per table row
+
+    # Where each step writes, all below ``out``.
+    data: Path = field(init=False)
+    features: Path = field(init=False)
+    quantize_report: Path = field(init=False)
+    run_dir: Path = field(init=False)
+    eval_dir: Path = field(init=False)
+
+    def __post_init__(self):
+        self.data, self.features = self.out / "data", self.out / "features"
+        self.quantize_report = self.out / "quantize_report"
+        self.run_dir, self.eval_dir = self.out / "pretrain", self.out / "eval"
+
+
 def run_demo(out: Path, train_videos: int = 800, test_videos: int = 200, seed: int = 0, workers: int = 2,
              train_overrides: tuple[str, ...] = ()) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    times = {}
-    data = out / "data"
-    print(f"[1/{STEPS}] synthesizing digit videos into {data}", flush=True)
-    parts = [_synth_split(data, "train", train_videos, seed), _synth_split(data, "test", test_videos, seed + 1)]
-    manifest = write_manifest([e for p in parts for e in load_manifest(p)], data / "manifest.jsonl")
-    times["synth"] = time.monotonic() - t0
+    run = DemoRun(out, started=time.monotonic())
+    synthesize_splits(run, train_videos, test_videos, seed)
+    extract_features(run, workers)
+    quantize_features(run)
+    pretrain_demo_recipe(run, train_overrides)
+    evaluate_retrieval(run)
+    print()
+    print_summary(run, train_videos, test_videos)
+    print()
+    print(retrieval_table(run.reports))
+    print()
+    print_written(run)
+    return 0 if run.extracted.failures_total == 0 else 1
 
-    features = out / "features"
+
+def synthesize_splits(run: DemoRun, train_videos: int, test_videos: int, seed: int) -> None:
+    print(f"[1/{STEPS}] synthesizing digit videos into {run.data}", flush=True)
+    parts = [_synth_split(run.data, "train", train_videos, seed),
+             _synth_split(run.data, "test", test_videos, seed + 1)]
+    run.manifest = write_manifest([e for p in parts for e in load_manifest(p)], run.data / "manifest.jsonl")
+    run.times["synth"] = time.monotonic() - run.started
+
+
+def extract_features(run: DemoRun, workers: int) -> None:
     cfg = ExtractConfig(encoder="pixels", backend="av", shard_size=200, workers=workers)
-    save_yaml(cfg, out / "extract_config.yaml")
-    print(f"[2/{STEPS}] extracting 'pixels' features into {features}", flush=True)
-    summary = run_extract(manifest, features, cfg)
-    print(summary.line())
-    times["extract"] = summary.seconds
+    save_yaml(cfg, run.out / "extract_config.yaml")
+    print(f"[2/{STEPS}] extracting 'pixels' features into {run.features}", flush=True)
+    run.extracted = run_extract(run.manifest, run.features, cfg)
+    print(run.extracted.line())
+    run.times["extract"] = run.extracted.seconds
 
+
+def quantize_features(run: DemoRun) -> None:
     print(f"[3/{STEPS}] quantising features into visual words (k=8, 2 levels)", flush=True)
-    report = out / "quantize_report"
-    qsum = run_quantize(features, QuantizeConfig(k=8, levels=2, sample=100_000), report_dir=report, overwrite=True,
-                        progress=sys.stderr.isatty())
-    for line in summary_lines(qsum):
+    run.quantized = run_quantize(run.features, QuantizeConfig(k=8, levels=2, sample=100_000),
+                                 report_dir=run.quantize_report, overwrite=True, progress=sys.stderr.isatty())
+    for line in summary_lines(run.quantized):
         print(line)
-    times["quantize"] = qsum["seconds"]
+    run.times["quantize"] = run.quantized["seconds"]
 
+
+def pretrain_demo_recipe(run: DemoRun, train_overrides: tuple[str, ...]) -> None:
     if not DEMO_RECIPE.exists():
         raise ConfigError(f"demo recipe not found at {DEMO_RECIPE}; run the demo from a source checkout "
                           "(pip install -e .)")
@@ -84,63 +129,69 @@ def run_demo(out: Path, train_videos: int = 800, test_videos: int = 200, seed: i
     from .pretrain.recipe import load_recipe
     from .pretrain.trainer import run_pretrain
 
-    run_dir = out / "pretrain"
     recipe = load_recipe(DEMO_RECIPE, list(train_overrides))
-    resume = run_dir.exists() and latest_checkpoint(run_dir) is not None
+    resume = run.run_dir.exists() and latest_checkpoint(run.run_dir) is not None
     print(f"[4/{STEPS}] pretraining the demo recipe ({recipe.train.max_steps} steps, "
-          f"{', '.join(recipe.objective_names)}) on the train split into {run_dir}", flush=True)
-    tsum = run_pretrain(recipe, features, manifest, run_dir, resume=resume, progress=True)
-    times["pretrain"] = tsum["seconds"]
-    records = read_metrics(run_dir / "metrics.jsonl")
+          f"{', '.join(recipe.objective_names)}) on the train split into {run.run_dir}", flush=True)
+    run.pretrained = run_pretrain(recipe, run.features, run.manifest, run.run_dir, resume=resume, progress=True)
+    run.times["pretrain"] = run.pretrained["seconds"]
 
-    eval_dir = out / "eval"
-    print(f"[5/{STEPS}] evaluating text-to-video retrieval on the test split into {eval_dir}", flush=True)
-    t_eval = time.monotonic()
-    reports = evaluate_demo(run_dir, features, manifest, eval_dir)
-    times["eval"] = time.monotonic() - t_eval
 
-    entries = load_manifest(manifest)
-    store = FeatureStore(features)
-    lengths = [len(store.get(v).features) for v in store.video_ids]
+def evaluate_retrieval(run: DemoRun) -> None:
+    print(f"[5/{STEPS}] evaluating text-to-video retrieval on the test split into {run.eval_dir}", flush=True)
+    started = time.monotonic()
+    run.reports = evaluate_demo(run.run_dir, run.features, run.manifest, run.eval_dir)
+    run.times["eval"] = time.monotonic() - started
+
+
+def print_summary(run: DemoRun, train_videos: int, test_videos: int) -> None:
+    """The data, features, visual words, training and time of the run."""
+    entries = load_manifest(run.manifest)
+    store = FeatureStore(run.features)
+    try:
+        lengths = [len(store.get(v).features) for v in store.video_ids]
+        dim, videos, shards = store.dim, len(store), len(store.shards)
+    finally:
+        store.close()
     captions = sum(len(e.captions) for e in entries)
-    print()
+    q, t = run.quantized, run.pretrained
+    records = read_metrics(run.run_dir / "metrics.jsonl")
+    first, last = records[0], records[-1]
     print("demo summary")
     print(f"  videos            {len(entries)} synthesized ({train_videos} train, {test_videos} test), "
-          f"{len(store)} with features, {summary.failures_total} failed")
+          f"{videos} with features, {run.extracted.failures_total} failed")
     print(f"  captions          {captions} ({captions / len(entries):.1f} per video)")
     print(f"  clips per video   mean {np.mean(lengths):.1f}, min {min(lengths)}, max {max(lengths)}")
-    print(f"  feature dim       {store.dim} (encoder 'pixels', float16 in {len(store.shards)} shard(s))")
-    print(f"  visual words      {qsum['words_used']} of {qsum['vocab_size']} used, "
-          f"entropy {qsum['entropy_bits']:.2f} bits")
-    first, last = records[0], records[-1]
-    print(f"  pretraining       {tsum['steps']} steps, {tsum['examples_per_s']:.1f} examples/s; loss "
+    print(f"  feature dim       {dim} (encoder 'pixels', float16 in {shards} shard(s))")
+    print(f"  visual words      {q['words_used']} of {q['vocab_size']} used, entropy {q['entropy_bits']:.2f} bits")
+    print(f"  pretraining       {t['steps']} steps, {t['examples_per_s']:.1f} examples/s; loss "
           f"{first['loss']:.3f} -> {last['loss']:.3f} ("
           + ", ".join(f"{k[:-5]} {first[k]:.2f} -> {last[k]:.2f}" for k in sorted(last) if k.endswith("_loss") and k in first)
           + ")")
-    print("  time              " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
-          + f", total {time.monotonic() - t0:.1f} s")
-    print()
-    print(retrieval_table(reports))
-    print()
-    print(f"  written           manifest {manifest}")
-    print(f"                    features {features}/shard_*.h5, failures {summary.failures_file}")
-    print(f"                    codebook {qsum['codebook']}, tokens {features}/shard_*.tokens.h5")
-    print(f"                    quantize report {report}/ (quantize_summary.json, word_frequencies.png)")
-    print(f"                    checkpoint {tsum['checkpoint']}")
-    print(f"                    training log {run_dir}/metrics.jsonl (+ metrics.csv, tensorboard/), "
-          f"loss curves {tsum.get('loss_plot')}")
+    print("  time              " + ", ".join(f"{k} {v:.1f} s" for k, v in run.times.items())
+          + f", total {time.monotonic() - run.started:.1f} s")
+
+
+def print_written(run: DemoRun) -> None:
+    features, eval_dir, t = run.features, run.eval_dir, run.pretrained
+    print(f"  written           manifest {run.manifest}")
+    print(f"                    features {features}/shard_*.h5, failures {run.extracted.failures_file}")
+    print(f"                    codebook {run.quantized['codebook']}, tokens {features}/shard_*.tokens.h5")
+    print(f"                    quantize report {run.quantize_report}/ (quantize_summary.json, word_frequencies.png)")
+    print(f"                    checkpoint {t['checkpoint']}")
+    print(f"                    training log {run.run_dir}/metrics.jsonl (+ metrics.csv, tensorboard/), "
+          f"loss curves {t.get('loss_plot')}")
     print(f"                    retrieval reports {eval_dir}/{{pretrained,untrained,tfidf_ridge}}.json, "
           f"rankings {eval_dir}/*.rankings.jsonl")
     print(f"                    recall@K plot {eval_dir}/recall.png, table {eval_dir}/table.txt")
-    store.close()
-    return 0 if summary.failures_total == 0 else 1
 
 
 def evaluate_demo(run_dir: Path, features: Path, manifest: Path, eval_dir: Path) -> dict:
     """Reports for the pretrained model, its untrained twin and the TF-IDF baseline on the test split."""
     from .retrieval.baselines import TfidfRidge, pooled_features, training_pairs
-    from .retrieval.job import make_report, plot_recall, rankings_rows, run_eval, split_entries, write_outputs
-    from .retrieval.evaluate import EvalConfig, build_queries, evaluate_embeddings
+    from .retrieval.evaluate import EvalConfig, evaluate_embeddings, rankings_rows
+    from .retrieval.job import make_report, plot_recall, run_eval, split_entries, write_outputs
+    from .retrieval.queries import build_queries
 
     cfg = EvalConfig(split="test")
     reports = {}
@@ -170,7 +221,7 @@ def evaluate_demo(run_dir: Path, features: Path, manifest: Path, eval_dir: Path)
 
 def retrieval_table(reports: dict) -> str:
     """Text-to-video table on the test split, with each baseline's paired bootstrap test against the first row."""
-    from .retrieval.job import format_p, paired_ranks
+    from .retrieval.compare import format_p, paired_ranks
     from .retrieval.metrics import paired_bootstrap
 
     names = list(reports)

@@ -32,10 +32,11 @@ from .. import __version__
 from .config import ExtractConfig, SamplingSpec
 from ..config import to_dict
 from ..manifests.manifest import VideoEntry, load_manifest
-from ..features.shards import (
-    EXTRACT_CONFIG_NAME, ShardError, ShardReader, ShardWriter, list_shards, read_shard_attrs, remove_partials,
-    set_aside_name, shard_count, shard_name, temporary_name,
+from ..features.hdf5 import ShardError
+from ..features.layout import (
+    EXTRACT_CONFIG_NAME, list_shards, remove_partials, set_aside_name, shard_count, shard_name, temporary_name,
 )
+from ..features.shards import ShardReader, ShardWriter, read_shard_attrs
 from .workers import DecoderPool, decode_video
 from ..errors import VideolmError
 

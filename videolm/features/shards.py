@@ -1,4 +1,4 @@
-"""HDF5 feature shards: the only module that touches h5py.
+"""HDF5 feature shards: writing, reading, and the store of a feature directory.
 
 One shard = one HDF5 file ``shard_NNNNN.h5`` holding the clips of up to
 ``shard_size`` consecutive manifest videos (layout in docs/formats.md):
@@ -14,11 +14,15 @@ One shard = one HDF5 file ``shard_NNNNN.h5`` holding the clips of up to
     index/num_clips int32 (n_videos,)
     index/duration  float32 (n_videos,)      seconds, from the stream timestamps
     failures/video_id, failures/error  str   videos that could not be extracted
-    attrs checksums  JSON {dataset path: sha256 of its content} (see ``dataset_digest``)
+    attrs checksums  JSON {dataset path: sha256 of its content} (see ``hdf5.dataset_digest``)
 
 A shard is written under a temporary name and renamed when complete, so a file
 named ``shard_NNNNN.h5`` is always whole. Reading one video is a lookup in the
 small index followed by one contiguous slice: no scan of the file.
+
+The ``features`` package is the only one that touches h5py: the file names are in
+layout.py, the shared HDF5 helpers in hdf5.py, token files and the codebook in
+visual_words.py.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import h5py
 import numpy as np
-from ..errors import VideolmError
+
+from .hdf5 import ShardError, checksums_json, dataset_digest, decode_strings, plain_attrs
+from .layout import CODEBOOK_NAME, list_shards, partial_name, token_path, writer_tag
+from .visual_words import read_codebook_attrs, read_token_attrs, read_token_file
 
 FORMAT = "videolm-features"
 FORMAT_VERSION = 1
@@ -42,160 +47,6 @@ _STR = h5py.string_dtype(encoding="utf-8")
 # 64 rows per chunk: one video's read touches one or two small chunks, while
 # appends stay cheap. Measured faster than one dataset per video (see docs/formats.md).
 _CHUNK_ROWS = 64
-
-
-class ShardError(VideolmError, RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- file names
-# Every name in a feature directory is made and parsed here (docs/formats.md,
-# "Feature directory"), so the jobs and ``videolm verify`` cannot disagree on them.
-
-_SHARD_PREFIX = "shard_"
-_SHARD_DIGITS = 5
-_SHARD_GLOB = _SHARD_PREFIX + "[0-9]" * _SHARD_DIGITS
-_TOKENS_SUFFIX = ".tokens.h5"
-CODEBOOK_NAME = "codebook.h5"
-EXTRACT_CONFIG_NAME = "extract_config.json"  # what the shards hold; written once by the extract job
-# Marks in the name of a file that is not published. A partial is resumable (its
-# tag ties it to its inputs), a temporary file is thrown away, and a set-aside file
-# is a damaged shard the extract job moved out of the way before redoing it.
-_PARTIAL_MARK = ".partial-"
-_TEMP_MARK = ".tmp-"
-_SET_ASIDE_MARK = ".corrupt-"
-
-
-def shard_name(index: int) -> str:
-    return f"{_SHARD_PREFIX}{index:0{_SHARD_DIGITS}d}.h5"
-
-
-def shard_index(path: str | os.PathLike) -> int:
-    """The index in a shard's (or its token file's) name: ``shard_00012.h5`` -> 12."""
-    name = Path(path).name
-    return int(name[len(_SHARD_PREFIX) : len(_SHARD_PREFIX) + _SHARD_DIGITS])
-
-
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    return sorted(Path(directory).glob(_SHARD_GLOB + ".h5"))
-
-
-def token_path(shard: str | os.PathLike) -> Path:
-    """The token file beside a shard: ``shard_00012.h5`` -> ``shard_00012.tokens.h5``."""
-    shard = Path(shard)
-    return shard.with_name(shard.name[: -len(".h5")] + _TOKENS_SUFFIX)
-
-
-def list_token_files(directory: str | os.PathLike) -> list[Path]:
-    return sorted(Path(directory).glob(_SHARD_GLOB + _TOKENS_SUFFIX))
-
-
-def shard_count(num_videos: int, shard_size: int) -> int:
-    """Shards that ``num_videos`` manifest videos fill, ``shard_size`` to a shard (the last may be short)."""
-    return -(-num_videos // shard_size)
-
-
-def read_extract_config(directory: str | os.PathLike) -> dict | None:
-    """The directory's ``extract_config.json`` ({"key": ..., "videolm_version"}), or None if missing or unreadable."""
-    try:
-        return json.loads((Path(directory) / EXTRACT_CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def planned_shard_count(key: dict) -> int | None:
-    """Shards of the extraction ``extract_config.json['key']`` records, or None when it does not say."""
-    if not key.get("num_videos") or not key.get("shard_size"):
-        return None
-    return shard_count(int(key["num_videos"]), int(key["shard_size"]))
-
-
-def writer_tag() -> str:
-    """Host and process of this writer, for temporary names on a shared disk (in Kubernetes every pod is PID 1)."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def partial_name(final: Path, tag: str) -> Path:
-    """Where a file is written before it is published; ``tag`` ties it to its inputs."""
-    return final.with_name(f"{final.name}{_PARTIAL_MARK}{tag}")
-
-
-def temporary_name(final: Path) -> Path:
-    """Where this process writes ``final`` before renaming it into place."""
-    return final.with_name(f"{final.name}{_TEMP_MARK}{writer_tag()}")
-
-
-def set_aside_name(path: Path) -> Path:
-    """Where a damaged file is moved (kept as evidence) so that it can be written again."""
-    return path.with_name(f"{path.name}{_SET_ASIDE_MARK}{int(time.time())}")
-
-
-def unfinished_files(directory: str | os.PathLike) -> list[Path]:
-    """Partial and temporary files: leftovers of interrupted writers, or files being written now."""
-    d = Path(directory)
-    return sorted(d.glob(f"*{_PARTIAL_MARK}*")) + sorted(d.glob(f"*{_TEMP_MARK}*"))
-
-
-def set_aside_files(directory: str | os.PathLike) -> list[Path]:
-    return sorted(Path(directory).glob(f"*{_SET_ASIDE_MARK}*"))
-
-
-def unfinished_quantize_files(directory: str | os.PathLike) -> list[Path]:
-    """Partial and temporary copies of token files and of the codebook."""
-    d = Path(directory)
-    found = [*d.glob(f"{_SHARD_PREFIX}*{_TOKENS_SUFFIX}.*"), *d.glob(f"{CODEBOOK_NAME}.*")]
-    return [p for p in found if _TEMP_MARK in p.name or _PARTIAL_MARK in p.name]
-
-
-def remove_partials(directory: str | os.PathLike, index: int) -> int:
-    """Delete leftovers of crashed writers of shard ``index``; returns how many."""
-    removed = 0
-    for p in Path(directory).glob(f"{shard_name(index)}{_PARTIAL_MARK}*"):
-        p.unlink(missing_ok=True)
-        removed += 1
-    return removed
-
-
-# --------------------------------------------------------------------------- HDF5 values
-
-def decode_strings(values) -> list[str]:
-    """A string dataset as Python str: h5py returns utf-8 bytes, older files may hold str."""
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
-
-
-def plain_attrs(attrs) -> dict:
-    """HDF5 attributes as plain Python values (numpy scalars unwrapped)."""
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in attrs.items()}
-
-
-CHECKSUM_ALGORITHM = "sha256"
-
-
-def dataset_digest(values) -> str:
-    """sha256 of a dataset's content: the C-order bytes of a numeric array, or the
-    JSON list of a string array (utf-8). Written into ``attrs['checksums']`` when a
-    file is finished; ``videolm verify`` recomputes it."""
-    arr = np.asarray(values)
-    if arr.dtype.kind in "OSU":
-        return hashlib.sha256(json.dumps(decode_strings(arr.ravel())).encode("utf-8")).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def read_checksums(attrs) -> dict | None:
-    """The recorded {dataset path: sha256}, or None for files written before checksums existed."""
-    raw = attrs.get("checksums")
-    if raw is None:
-        return None
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8")
-    return json.loads(raw)
-
-
-def _checksums_json(digests: dict[str, str]) -> str:
-    return json.dumps({"algorithm": CHECKSUM_ALGORITHM, "datasets": digests}, sort_keys=True)
-
-
-# --------------------------------------------------------------------------- feature shards
 
 # Every dataset of a shard, in the order of the layout above; a finished shard holds all of them.
 SHARD_DATASETS = ("features", "clip_times", "index/video_id", "index/offset", "index/num_clips", "index/duration",
@@ -274,7 +125,7 @@ class ShardWriter:
         for name, (data, dtype) in small.items():
             f.create_dataset(name, data=data, dtype=dtype)
             digests[name] = dataset_digest(data)
-        f.attrs["checksums"] = _checksums_json(digests)
+        f.attrs["checksums"] = checksums_json(digests)
         f.attrs["num_videos"] = len(self._ids)
         f.attrs["num_clips"] = self._rows
         f.attrs["num_failed"] = len(self._failed)
@@ -495,113 +346,3 @@ class FeatureStore:
     def close(self):
         for s in self.shards:
             s.close()
-
-
-# --------------------------------------------------------------------------- visual words
-# Tokens live in their own file beside each shard (shard_NNNNN.tokens.h5) so that
-# quantising never opens a feature shard for writing: a crash cannot damage
-# features, and a new codebook simply replaces the token files.
-
-TOKENS_FORMAT = "videolm-tokens"
-CODEBOOK_FORMAT = "videolm-codebook"
-TOKEN_DATASETS = ("tokens", "paths")  # int32 word and int16 tree path of every clip, rows as in the shard
-
-
-def _publish(tmp: Path, final: Path, f: h5py.File) -> None:
-    f.flush()
-    os.fsync(f.id.get_vfd_handle())
-    f.close()
-    os.replace(tmp, final)
-
-
-def write_token_file(path: Path, tokens: np.ndarray, paths: np.ndarray, attrs: dict) -> Path:
-    """Write a complete token file under ``path`` (callers choose temporary or final names)."""
-    tmp = temporary_name(path)
-    f = h5py.File(tmp, "w")
-    for key, value in attrs.items():
-        f.attrs[key] = value
-    f.attrs["format"] = TOKENS_FORMAT
-    tokens, paths = tokens.astype(np.int32), paths.astype(np.int16)
-    f.create_dataset("tokens", data=tokens)
-    f.create_dataset("paths", data=paths)
-    f.attrs["checksums"] = _checksums_json({"tokens": dataset_digest(tokens), "paths": dataset_digest(paths)})
-    _publish(tmp, path, f)
-    return path
-
-
-def read_token_attrs(path: str | os.PathLike) -> dict | None:
-    """Attributes of a readable token file, or None when it is missing or damaged."""
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != TOKENS_FORMAT or "tokens" not in f:
-                return None
-            return plain_attrs(f.attrs)
-    except (OSError, KeyError):
-        return None
-
-
-def read_token_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with h5py.File(path, "r") as f:
-            return f["tokens"][()], f["paths"][()]
-    except (OSError, KeyError) as exc:
-        raise ShardError(f"{path}: cannot read token file: {exc}") from None
-
-
-def write_codebook(path: Path, levels: list[dict[str, np.ndarray]], attrs: dict) -> Path:
-    """One HDF5 file: level_<l>/{centroids, parent, child_index, first_child, num_children} + JSON attrs."""
-    tmp = temporary_name(path)
-    f = h5py.File(tmp, "w")
-    for key, value in attrs.items():
-        f.attrs[key] = value
-    f.attrs["format"] = CODEBOOK_FORMAT
-    for i, level in enumerate(levels):
-        g = f.create_group(_level_group(i))
-        for name, arr in level.items():
-            g.create_dataset(name, data=arr)
-    digests = {key: dataset_digest(arr) for key, arr in codebook_datasets(levels).items()}
-    f.attrs["checksums"] = _checksums_json(digests)
-    _publish(tmp, path, f)
-    return path
-
-
-def read_codebook_attrs(path: str | os.PathLike) -> dict | None:
-    """A codebook's attributes (config, fingerprint, vocabulary), or None if there is none."""
-    if not Path(path).exists():
-        return None
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != CODEBOOK_FORMAT:
-                raise ShardError(f"{path}: not a videolm codebook")
-            return plain_attrs(f.attrs)
-    except OSError as exc:
-        raise ShardError(f"{path}: cannot read codebook: {exc}") from None
-
-
-def read_codebook(path: str | os.PathLike) -> tuple[list[dict[str, np.ndarray]], dict]:
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != CODEBOOK_FORMAT:
-                raise ShardError(f"{path}: not a videolm codebook")
-            attrs = plain_attrs(f.attrs)
-            return read_codebook_levels(f, int(attrs["levels"])), attrs
-    except (OSError, KeyError) as exc:
-        raise ShardError(f"{path}: cannot read codebook: {exc}") from None
-
-
-def _level_group(level: int) -> str:
-    return f"level_{level}"
-
-
-def read_codebook_levels(f, levels: int) -> list[dict[str, np.ndarray]]:
-    """The tree in an open codebook file, top level first: each level's datasets by name."""
-    tree = []
-    for i in range(levels):
-        g = f[_level_group(i)]
-        tree.append({name: g[name][()] for name in g})
-    return tree
-
-
-def codebook_datasets(levels: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """A tree's datasets keyed by their path in the codebook file (``level_<l>/<name>``), as its checksums are."""
-    return {f"{_level_group(i)}/{name}": arr for i, level in enumerate(levels) for name, arr in level.items()}

@@ -27,11 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VideolmError
-from .shards import (
-    CODEBOOK_FORMAT, CODEBOOK_NAME, EXTRACT_CONFIG_NAME, FORMAT, SHARD_DATASETS, TOKEN_DATASETS, TOKENS_FORMAT,
-    ShardError, codebook_datasets, config_key, dataset_digest, decode_strings, list_shards, list_token_files,
-    open_readonly, plain_attrs, planned_shard_count, read_checksums, read_codebook_attrs, read_codebook_levels,
-    read_extract_config, set_aside_files, shard_index, shard_name, token_path, unfinished_files,
+from .hdf5 import ShardError, dataset_digest, decode_strings, plain_attrs, read_checksums
+from .layout import (
+    CODEBOOK_NAME, EXTRACT_CONFIG_NAME, list_shards, list_token_files, planned_shard_count, read_extract_config,
+    set_aside_files, shard_index, shard_name, token_path, unfinished_files,
+)
+from .shards import FORMAT, SHARD_DATASETS, config_key, open_readonly
+from .visual_words import (
+    CODEBOOK_FORMAT, TOKEN_DATASETS, TOKENS_FORMAT, codebook_datasets, read_codebook_attrs, read_codebook_levels,
 )
 
 
@@ -87,7 +90,7 @@ class VerifyReport:
 def _open(path: Path, problems: list[Problem], what: str):
     size = path.stat().st_size
     try:
-        return open_readonly(path)  # shards.py owns the HDF5 format; verify reads through it
+        return open_readonly(path)  # shards.py and visual_words.py own the HDF5 layouts; verify reads through them
     except OSError as exc:
         detail = str(exc).split(";")[0][:160]
         problems.append(Problem(path.name, f"truncated or not an HDF5 file (size {size} bytes; {what}: {detail})"))

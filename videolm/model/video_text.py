@@ -1,20 +1,23 @@
-"""One video-text model family: encoders, heads and named outputs; losses live in objectives.py.
+"""One video-text model family: encoders, the heads downstream use, and named outputs.
 
-Parts (all sizes from ``ModelConfig``):
+Parts (sizes from ``ModelConfig``; optional parts only when ``ModelConfig.parts`` lists them):
 
 * text encoder: a transformers ``BertModel`` (``text.py``: MiniLM-L6 by default);
-* video encoder: clip features through Linear + LayerNorm (or visual words through
-  an embedding table, VideoBERT's input), learned positions, transformer;
-* cross encoder: transformer over ``[text; video]`` with type embeddings; its
-  first position (the text's [CLS]) is the pair's pooled output;
-* temporal encoder: a second transformer over the cross encoder's per-clip
-  outputs (HERO's global level);
-* caption decoder: causal transformer attending to the cross encoder, its input
-  and output embeddings tied to the text encoder's word embeddings;
-* heads used by objectives (mlm, mvm, mfm, fom, vsm, joint projection, align).
+* video encoder: clip features through Linear + LayerNorm (or, with
+  ``video_input: tokens``, visual words through an embedding table: VideoBERT's
+  input), learned positions, transformer;
+* joint space: text/video projections and the contrastive temperature (retrieval);
+* ``cross``: transformer over ``[text; video]`` with type embeddings; its first
+  position (the text's [CLS]) is the pair's pooled output;
+* ``align``: the cross encoder's pair score (re-ranking, UniVL's FT-Align);
+* ``temporal``: a second transformer over the cross encoder's per-clip outputs
+  (HERO's global level);
+* ``decoder``: causal transformer attending to the cross encoder, its input and
+  output embeddings tied to the text encoder's word embeddings (captioning).
 
-Our own transformer layers call ``F.scaled_dot_product_attention`` (fused kernels
-on GPU); the BERT text encoder is loaded with ``attn_implementation="sdpa"``.
+Heads that only a pretraining objective uses (mlm, mvm, mfm, fom, vsm) belong to
+that objective (``pretrain/objectives.py``), not to the model. The model never
+computes a loss.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .layers import Stack, init_weights, masked_mean, mlp_head
 from .text import build_text_encoder
 
 VIDEO_INPUTS = ("features", "tokens")
-MASK_VISUAL_ID = 4  # [MASK] in quantize.SPECIAL_TOKENS
+OPTIONAL_PARTS = ("cross", "align", "temporal", "decoder")
+PART_NEEDS = {"align": "cross", "temporal": "cross", "decoder": "cross"}  # each reads the cross encoder's output
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class ModelConfig:
     video_input: str = "features"  # features | tokens (VideoBERT: visual words in, no features)
     feature_dim: int = 0  # 0: taken from the shards; otherwise it must match them
     visual_vocab: int = 0  # 0: taken from the codebook when there is one (words + 5 special ids)
+    parts: tuple[str, ...] | None = None  # optional parts built; None: all (pretrain sets what its objectives use)
 
     def __post_init__(self):
         if self.video_input not in VIDEO_INPUTS:
@@ -62,6 +68,21 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be >= 0")
         if self.max_frames < 2 or self.max_text_len < 4:
             raise ConfigError("max_frames must be >= 2 and max_text_len >= 4")
+        if self.parts is not None:
+            object.__setattr__(self, "parts", tuple(self.parts))  # YAML gives a list
+            unknown = set(self.parts) - set(OPTIONAL_PARTS)
+            if unknown:
+                raise ConfigError(f"model.parts: unknown part(s) {sorted(unknown)}; known: {', '.join(OPTIONAL_PARTS)}")
+
+    @property
+    def built_parts(self) -> frozenset[str]:
+        return frozenset(OPTIONAL_PARTS if self.parts is None else self.parts)
+
+
+def parts_with_needs(parts) -> tuple[str, ...]:
+    """``parts`` plus what they read from (align needs cross, ...), in ``OPTIONAL_PARTS`` order."""
+    wanted = set(parts) | {PART_NEEDS[p] for p in parts if p in PART_NEEDS}
+    return tuple(p for p in OPTIONAL_PARTS if p in wanted)
 
 
 @dataclass
@@ -74,70 +95,6 @@ class VideoTextOutput:
     temporal: torch.Tensor | None = None  # (B, T, H) temporal encoder over cross_video
 
 
-def padding_mask(key_mask: torch.Tensor, query_len: int, causal: bool = False) -> torch.Tensor:
-    """(B, 1, Lq, Lk) boolean mask for SDPA, True where attention is allowed."""
-    mask = key_mask[:, None, None, :].expand(-1, 1, query_len, -1)
-    if causal:
-        tri = torch.ones(query_len, key_mask.shape[1], dtype=torch.bool, device=key_mask.device).tril()
-        mask = mask & tri
-    return mask
-
-
-class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
-        self.out = nn.Linear(hidden, hidden)
-
-    def forward(self, x, context, mask):
-        B, Lq, H = x.shape
-        q = self.q(x).view(B, Lq, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, Lq, H))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer layer; with ``cross=True`` it also attends to a memory."""
-
-    def __init__(self, hidden: int, heads: int, ffn_mult: int, dropout: float, cross: bool = False):
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(hidden), Attention(hidden, heads, dropout)
-        self.cross = cross
-        if cross:
-            self.ln_cross, self.cross_attn = nn.LayerNorm(hidden), Attention(hidden, heads, dropout)
-        self.ln2 = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, ffn_mult * hidden), nn.GELU(), nn.Linear(ffn_mult * hidden, hidden))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, mask, memory=None, memory_mask=None):
-        h = self.ln1(x)
-        x = x + self.drop(self.attn(h, h, mask))
-        if self.cross:
-            x = x + self.drop(self.cross_attn(self.ln_cross(x), memory, memory_mask))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
-
-class Stack(nn.Module):
-    def __init__(self, layers: int, cfg: ModelConfig, cross: bool = False):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.ffn_mult, cfg.dropout, cross) for _ in range(layers))
-        self.ln = nn.LayerNorm(cfg.hidden)
-
-    def forward(self, x, key_mask, causal=False, memory=None, memory_key_mask=None):
-        mask = padding_mask(key_mask, x.shape[1], causal)
-        mem_mask = None if memory is None else padding_mask(memory_key_mask, x.shape[1])
-        for block in self.blocks:
-            x = block(x, mask, memory, mem_mask)
-        return self.ln(x)
-
-
-def mlp_head(hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), nn.Linear(hidden, out))
-
-
 class VideoTextModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -145,43 +102,40 @@ class VideoTextModel(nn.Module):
             raise ConfigError("ModelConfig.feature_dim must be resolved from the shards before building the model")
         if cfg.video_input == "tokens" and cfg.visual_vocab <= 0:
             raise ConfigError("video_input 'tokens' needs visual words: quantise the features first")
-        self.cfg = cfg
+        self.cfg, self.parts = cfg, frozenset(parts_with_needs(cfg.built_parts))
         H = cfg.hidden
         self.text = build_text_encoder(cfg.text_init, H, cfg.text_layers, cfg.heads, cfg.max_text_len, cfg.dropout)
-        self.video_in = nn.Sequential(nn.Linear(cfg.feature_dim, H), nn.LayerNorm(H)) if cfg.feature_dim else None
-        self.visual_embed = nn.Embedding(cfg.visual_vocab, H) if cfg.visual_vocab else None
+        if cfg.video_input == "tokens":
+            self.visual_embed = nn.Embedding(cfg.visual_vocab, H)
+        else:
+            self.video_in = nn.Sequential(nn.Linear(cfg.feature_dim, H), nn.LayerNorm(H))
         self.video_pos = nn.Embedding(cfg.max_frames, H)
-        self.video_encoder = Stack(cfg.video_layers, cfg)
-        self.type_embed = nn.Embedding(2, H)
-        self.cross_encoder = Stack(cfg.cross_layers, cfg)
-        self.temporal_pos = nn.Embedding(cfg.max_frames, H)
-        self.temporal_encoder = Stack(cfg.temporal_layers, cfg)
-        self.decoder_pos = nn.Embedding(cfg.max_text_len, H)
-        self.decoder = Stack(cfg.decoder_layers, cfg, cross=True)
-
-        vocab = self.text.get_input_embeddings().num_embeddings
-        self.mlm_transform = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H))
-        self.mlm_bias = nn.Parameter(torch.zeros(vocab))
-        self.caption_bias = nn.Parameter(torch.zeros(vocab))
-        self.mvm_head = mlp_head(H, cfg.visual_vocab) if cfg.visual_vocab else None
-        self.mfm_head = mlp_head(H, cfg.feature_dim) if cfg.feature_dim else None
-        self.fom_head = mlp_head(H, cfg.max_frames)
-        self.vsm_query = nn.Linear(H, 3 * H)  # start, end and global query vectors from one subtitle
-        self.align_head = mlp_head(H, 1)
+        self.video_encoder = self._stack(cfg.video_layers)
         self.text_proj = nn.Linear(H, cfg.embed_dim)
         self.video_proj = nn.Linear(H, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's starting temperature
-        self._init_own(self.text)
+        if "cross" in self.parts:
+            self.type_embed = nn.Embedding(2, H)
+            self.cross_encoder = self._stack(cfg.cross_layers)
+        if "align" in self.parts:
+            self.align_head = mlp_head(H, 1)
+        if "temporal" in self.parts:
+            self.temporal_pos = nn.Embedding(cfg.max_frames, H)
+            self.temporal_encoder = self._stack(cfg.temporal_layers)
+        if "decoder" in self.parts:
+            self.decoder_pos = nn.Embedding(cfg.max_text_len, H)
+            self.decoder = self._stack(cfg.decoder_layers, cross=True)
+            self.caption_bias = nn.Parameter(torch.zeros(self.word_embeddings.shape[0]))
+        init_weights(self, skip=self.text)
 
-    def _init_own(self, skip: nn.Module):
-        skip_ids = {id(m) for m in skip.modules()}
-        for m in self.modules():
-            if id(m) in skip_ids:
-                continue
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
+    def _stack(self, layers: int, cross: bool = False) -> Stack:
+        c = self.cfg
+        return Stack(layers, c.hidden, c.heads, c.ffn_mult, c.dropout, cross)
+
+    def _need(self, part: str, what: str) -> None:
+        if part not in self.parts:
+            raise ValueError(f"{what} needs the model's {part!r} part, which this model was built without "
+                             f"(its recipe's objectives did not use it; built: {sorted(self.parts) or 'none'})")
 
     @property
     def word_embeddings(self) -> torch.Tensor:
@@ -207,12 +161,14 @@ class VideoTextModel(nn.Module):
         return self.video_encoder(x, mask)
 
     def cross(self, text_h, text_mask, video_h, video_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        self._need("cross", "the cross encoder")
         L = text_h.shape[1]
         x = torch.cat([text_h + self.type_embed.weight[0], video_h + self.type_embed.weight[1]], dim=1)
         y = self.cross_encoder(x, torch.cat([text_mask, video_mask], dim=1))
         return y[:, :L], y[:, L:]
 
     def temporal(self, video_h, video_mask) -> torch.Tensor:
+        self._need("temporal", "the temporal encoder")
         return self.temporal_encoder(video_h + self.temporal_pos.weight[: video_h.shape[1]], video_mask)
 
     def forward(self, text_ids, text_mask, video_mask, video=None, video_tokens=None,
@@ -225,6 +181,7 @@ class VideoTextModel(nn.Module):
 
     def decode(self, ids, mask, memory, memory_mask) -> torch.Tensor:
         """Caption logits (B, L, vocab) for teacher-forced ``ids`` attending to ``memory``."""
+        self._need("decoder", "caption decoding")
         L = ids.shape[1]
         if L > self.cfg.max_text_len:
             raise ValueError(f"caption of {L} tokens exceeds max_text_len={self.cfg.max_text_len}")
@@ -232,10 +189,7 @@ class VideoTextModel(nn.Module):
         h = self.decoder(x, mask, causal=True, memory=memory, memory_key_mask=memory_mask)
         return h @ self.word_embeddings.t() + self.caption_bias
 
-    # ------------------------------------------------------------------ heads
-    def mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlm_transform(h) @ self.word_embeddings.t() + self.mlm_bias
-
+    # ------------------------------------------------------------------ joint space and pair score
     def text_embedding(self, text_h: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised text vector in the joint space (masked mean of the text encoder)."""
         return F.normalize(self.text_proj(masked_mean(text_h, text_mask)), dim=-1)
@@ -248,12 +202,8 @@ class VideoTextModel(nn.Module):
         return F.normalize(self.video_proj(video_h), dim=-1)
 
     def align_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        self._need("align", "the alignment score")
         return self.align_head(pooled).squeeze(-1)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def resolve_model_config(cfg: ModelConfig, feature_dim: int, visual_vocab: int) -> ModelConfig:

@@ -4,7 +4,8 @@ Layout under the run directory::
 
     checkpoints/
       step_0000500/
-        model.pt        model state dict (what evaluation needs)
+        model.pt        model state dict (what evaluation and fine-tuning need)
+        objectives.pt   the objectives' own heads (mlm, mvm, mfm, fom, vsm), keyed "<stage>:<objective>.*"
         trainer.pt      optimizer, scheduler, loss scaler, step, RNG states
         config.yaml     the full recipe (data, model with resolved sizes, train, stages)
         tokenizer/      WordPiece vocab and tokenizer config (save_pretrained)
@@ -23,6 +24,10 @@ Every file is read back with ``torch.load(..., weights_only=True)``: ``trainer.p
 holds only tensors, numbers, strings and containers (RNG states included), so a
 checkpoint from elsewhere cannot run code when it is resumed. The fault-injection
 tests behind this are described in docs/reliability.md.
+
+Checkpoints written before videolm 0.2 kept the objectives' heads inside
+``model.pt`` and built every part whatever the recipe; they do not load (a clear
+error says so).
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, cfg: PretrainConfig, tokenizer, trainer_state: dict,
-                    meta: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, objectives, cfg: PretrainConfig, tokenizer,
+                    trainer_state: dict, meta: dict, keep: int) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -82,6 +87,7 @@ def save_checkpoint(run_dir: Path, step: int, model, cfg: PretrainConfig, tokeni
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save(objectives.state_dict(), tmp / "objectives.pt")
     torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
     save_recipe(cfg, tmp / "config.yaml")
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -134,6 +140,28 @@ def load_run_config(ckpt: Path) -> PretrainConfig:
     return load_recipe(ckpt / "config.yaml")
 
 
+def load_model_state(ckpt: Path, map_location="cpu") -> dict:
+    return torch.load(Path(ckpt) / "model.pt", map_location=map_location, weights_only=True)
+
+
+def load_objective_state(ckpt: Path, map_location="cpu") -> dict:
+    path = Path(ckpt) / "objectives.pt"
+    if not path.is_file():
+        raise ConfigError(f"{ckpt}: no objectives.pt; checkpoints written before videolm 0.2 cannot be resumed")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_into(model, state: dict, ckpt: Path) -> None:
+    """``model.load_state_dict(state)`` with an error that names the checkpoint and the mismatch."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"{ckpt}: the weights do not fit the model its config.yaml describes ({detail}). "
+                          f"Checkpoints written before videolm 0.2 (heads inside model.pt) do not load in "
+                          f"videolm {__version__}; retrain, or evaluate with the version that wrote it") from None
+
+
 def load_trainer_state(ckpt: Path, map_location="cpu") -> dict:
     path = Path(ckpt) / "trainer.pt"
     try:
@@ -158,7 +186,6 @@ def load_pretrained(path: str | os.PathLike, device: str = "cpu"):
     # The text encoder's weights come from the checkpoint, not from text_init, but
     # the architecture is rebuilt from text_init's config; "none" rebuilds it from sizes.
     model = VideoTextModel(cfg.model)
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    load_into(model, load_model_state(ckpt), ckpt)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / "tokenizer"), cfg

@@ -2,17 +2,17 @@
 
 Captions and clips meet on the time line:
 
-* a caption *covers* every clip it overlaps in time (``caption_spans``);
-* each clip belongs to the overlapping caption with the highest temporal IoU
-  (``clip_owners``, HERO's rule for assigning frames to subtitles).
+* a caption *covers* every clip it overlaps in time (``caption_spans``).
 
 Example modes (``DataConfig.mode``):
 
 * ``segment`` (UniVL): one caption, or adjacent captions merged until they last
   ``min_segment_seconds``, with the clips it covers (at most ``max_frames``);
 * ``video`` (HERO): a whole video, randomly cropped to ``max_frames`` clips when
-  longer, with every caption overlapping the crop as a subtitle;
-* ``tokens`` (VideoBERT): like ``segment``, but carrying the clips' visual words.
+  longer, with every caption overlapping the crop as a subtitle.
+
+Both modes carry the clips' visual words when the features are quantised; a
+model that reads them says so with ``model.video_input: tokens``.
 
 Examples are plain dicts of numpy arrays and strings; tokenising text and padding
 into batches belong to the collate step of the trainer.
@@ -31,7 +31,7 @@ from ..features.shards import FeatureStore
 from ..manifests.manifest import Caption, VideoEntry
 
 log = logging.getLogger("videolm.pretrain.dataset")
-MODES = ("segment", "video", "tokens")
+MODES = ("segment", "video")
 
 
 class DataError(VideolmError, ValueError):
@@ -45,6 +45,9 @@ class DataConfig:
     min_segment_seconds: float = 0.0  # UniVL merges short adjacent captions into one segment
 
     def __post_init__(self):
+        if self.mode == "tokens":
+            raise ConfigError("data mode 'tokens' was removed: use mode 'segment' with model.video_input: tokens "
+                              "(examples carry visual words whenever the features are quantised)")
         if self.mode not in MODES:
             raise ConfigError(f"data mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.max_frames < 1:
@@ -68,24 +71,6 @@ def caption_spans(starts: np.ndarray, ends: np.ndarray, captions: list[Caption])
         if len(hit):
             out[i] = hit[0], hit[-1]
     return out
-
-
-def clip_owners(starts: np.ndarray, ends: np.ndarray, captions: list[Caption]) -> np.ndarray:
-    """(n_clips,) index of the caption with the highest temporal IoU with each clip; -1 if none.
-
-    Ties go to the earlier caption, so the result does not depend on list order
-    beyond what the manifest gives.
-    """
-    if not captions:
-        return np.full(len(starts), -1, dtype=np.int64)
-    cs = np.array([c.start for c in captions])[None, :]
-    ce = np.array([c.end for c in captions])[None, :]
-    inter = np.clip(np.minimum(ends[:, None], ce) - np.maximum(starts[:, None], cs), 0, None)
-    union = np.maximum(ends[:, None], ce) - np.minimum(starts[:, None], cs)
-    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-    owner = np.argmax(iou, axis=1)
-    owner[iou[np.arange(len(starts)), owner] <= 0] = -1
-    return owner
 
 
 def merge_segments(captions: list[Caption], min_seconds: float) -> list[tuple[int, int]]:
@@ -123,7 +108,7 @@ class VideoTextDataset:
     """
 
     def __init__(self, store: FeatureStore, entries: list[VideoEntry], cfg: DataConfig, seed: int = 0):
-        self.cfg, self.seed, self.epoch = cfg, seed, 0
+        self.cfg, self.seed = cfg, seed
         self.directory = store.directory
         self._store, self._pid = store, os.getpid()
         present = [e for e in entries if e.video_id in store]
@@ -133,8 +118,6 @@ class VideoTextDataset:
         if self.missing:
             log.warning("%d of %d manifest videos have no features (failed or not extracted); skipped",
                         self.missing, len(entries))
-        if cfg.mode == "tokens" and store.codebook_attrs is None:
-            raise DataError(f"mode 'tokens' needs visual words: run `videolm quantize --features {store.directory}`")
         self.videos = present
         self.examples: list[tuple[int, tuple[int, int] | None]] = []  # (video, caption group in time order)
         uncovered: list[str] = []  # captions overlapping no clip of their video
@@ -167,14 +150,11 @@ class VideoTextDataset:
             self._store, self._pid = FeatureStore(self.directory), os.getpid()
         return self._store
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
-        index, epoch = item if isinstance(item, tuple) else (item, self.epoch)
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
         vi, group = self.examples[index]
         entry = self.videos[vi]
         feats = self.store.get(entry.video_id)
@@ -204,5 +184,4 @@ class VideoTextDataset:
             "clip_ends": ends,
             "texts": [c.text for c in texts],
             "text_spans": spans[keep],
-            "clip_owner": clip_owners(starts, ends, texts),
         }

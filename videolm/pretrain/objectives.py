@@ -1,10 +1,15 @@
 """Pretraining objectives: each builds its own masks and targets from a batch and returns named losses.
 
-An objective is a small parameter-free class: ``objective(model, batch, gen)``
-returns a dict whose ``*_loss`` entries are differentiable scalars (the trainer
-sums them, times the objective's weight) and whose other entries are detached
-numbers for the log. Parameters (heads, temperature) live in the model so that
-one state dict holds everything a checkpoint needs.
+An objective is a small ``nn.Module``: ``objective(model, batch, gen)`` returns a
+dict whose ``*_loss`` entries are differentiable scalars (the trainer sums them,
+times the objective's weight) and whose other entries are detached numbers for
+the log. A head that only this objective uses (mlm's transform, mvm/mfm/fom's
+classifiers, vsm's query vectors) is the objective's own parameter, built from
+the model it will train, so a recipe without ``fom`` has no ``fom`` head. What
+downstream use needs (encoders, projections, temperature, align score, caption
+decoder) is the model's. ``model_parts`` names the optional model parts an
+objective runs (``model.video_text.OPTIONAL_PARTS``); the trainer builds the
+model with the union over the recipe.
 
 Randomness comes only from ``gen`` (a CPU ``torch.Generator`` the trainer seeds
 per step), so a resumed run draws the same masks as an uninterrupted one.
@@ -19,11 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .distributed import gather_keys, gather_with_grad
-from ..model.video_text import MASK_VISUAL_ID, masked_mean
+from ..model.inputs import VISUAL_MASK_ID
+from ..model.layers import init_weights, masked_mean, mlp_head
 
 IGNORE = -100
 
@@ -68,17 +75,29 @@ def _video_inputs(batch: dict, model, chosen: torch.Tensor | None = None):
     if chosen is not None:
         video = video.masked_fill(chosen.unsqueeze(-1), 0.0)
         if tokens is not None:
-            tokens = tokens.masked_fill(chosen, MASK_VISUAL_ID)
+            tokens = tokens.masked_fill(chosen, VISUAL_MASK_ID)
     return video, tokens
 
 
-class MaskedLanguageModelling:
-    """Caption tokens masked 15% (80% [MASK], 10% random, 10% kept), predicted with video context."""
+class MaskedLanguageModelling(nn.Module):
+    """Caption tokens masked 15% (80% [MASK], 10% random, 10% kept), predicted with video context.
+
+    The prediction is BERT's: transform, then the text encoder's own word
+    embeddings (tied, read from the model) plus a bias of this objective's.
+    """
 
     name = "mlm"
+    model_parts = ("cross",)
 
-    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
+        super().__init__()
         self.vocab, self.mask_prob = vocab, mask_prob
+        H = model.cfg.hidden
+        self.transform = init_weights(nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H)))
+        self.bias = nn.Parameter(torch.zeros(model.word_embeddings.shape[0]))
+
+    def logits(self, model, h: torch.Tensor) -> torch.Tensor:
+        return self.transform(h) @ model.word_embeddings.t() + self.bias
 
     def corrupt(self, ids, mask, gen):
         v = self.vocab
@@ -91,36 +110,41 @@ class MaskedLanguageModelling:
         out = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, out)
         return out, labels
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         ids, labels = self.corrupt(batch["text_ids"], batch["text_mask"], gen)
         video, tokens = _video_inputs(batch, model)
         out = model(ids, batch["text_mask"], batch["video_mask"], video, tokens)
         at = labels != IGNORE
-        logits = model.mlm_logits(out.cross_text[at])
+        logits = self.logits(model, out.cross_text[at])
         loss = F.cross_entropy(logits.float(), labels[at])
         return {"mlm_loss": loss, "mlm_acc": (logits.argmax(-1) == labels[at]).float().mean().item()}
 
 
-class MaskedVisualWords:
+class MaskedVisualWords(nn.Module):
     """VideoBERT: 15% of clips masked, their visual words predicted over the codebook vocabulary."""
 
     name = "mvm"
+    model_parts = ("cross",)
     needs_tokens = True
 
-    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
+        super().__init__()
+        if model.cfg.visual_vocab <= 0:
+            raise ConfigError("mvm needs visual words: quantise the features first")
         self.mask_prob = mask_prob
+        self.head = mlp_head(model.cfg.hidden, model.cfg.visual_vocab)
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         chosen = sample_mask(batch["video_mask"], self.mask_prob, gen)
         video, tokens = _video_inputs(batch, model, chosen)
         out = model(batch["text_ids"], batch["text_mask"], batch["video_mask"], video, tokens)
         target = batch["video_tokens"][chosen]
-        logits = model.mvm_head(out.cross_video[chosen])
+        logits = self.head(out.cross_video[chosen])
         loss = F.cross_entropy(logits.float(), target)
         return {"mvm_loss": loss, "mvm_acc": (logits.argmax(-1) == target).float().mean().item()}
 
 
-class MaskedFrameNCE:
+class MaskedFrameNCE(nn.Module):
     """Masked clips' predictions scored against the original features of every clip in the batch.
 
     The target of a masked clip is its own original feature; all other real clips
@@ -129,16 +153,19 @@ class MaskedFrameNCE:
     """
 
     name = "mfm_nce"
+    model_parts = ("cross",)
 
-    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1):
+    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1):
+        super().__init__()
         self.mask_prob, self.temperature = mask_prob, temperature
+        self.head = feature_head(model)
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         vm = batch["video_mask"]
         chosen = sample_mask(vm, self.mask_prob, gen)
         video, tokens = _video_inputs(batch, model, chosen)
         out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens)
-        pred = F.normalize(model.mfm_head(out.cross_video[chosen]).float(), dim=-1)
+        pred = F.normalize(self.head(out.cross_video[chosen]).float(), dim=-1)
         candidates = F.normalize(batch["video"][vm].float(), dim=-1)
         # index of each masked clip among the real clips, in the same row-major order as batch["video"][vm]
         target = (torch.cumsum(vm.flatten().long(), 0) - 1)[chosen.flatten()]
@@ -152,20 +179,30 @@ class MaskedFrameNCE:
         return {"mfm_nce_loss": loss, "mfm_nce_acc": (logits.argmax(-1) == target).float().mean().item()}
 
 
-class MaskedFrameRegression:
+def feature_head(model) -> nn.Sequential:
+    """A head predicting a clip's (pre-encoder) feature vector, for mfm_nce and mfm_reg."""
+    if model.cfg.feature_dim <= 0:
+        raise ConfigError("masked frame modelling needs clip features (feature_dim is 0)")
+    return mlp_head(model.cfg.hidden, model.cfg.feature_dim)
+
+
+class MaskedFrameRegression(nn.Module):
     """Masked clips' original features regressed with a mean squared error."""
 
     name = "mfm_reg"
+    model_parts = ("cross",)
 
-    def __init__(self, vocab: TextVocab, mask_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
+        super().__init__()
         self.mask_prob = mask_prob
+        self.head = feature_head(model)
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         vm = batch["video_mask"]
         chosen = sample_mask(vm, self.mask_prob, gen)
         video, tokens = _video_inputs(batch, model, chosen)
         out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens)
-        pred = model.mfm_head(out.cross_video[chosen]).float()
+        pred = self.head(out.cross_video[chosen]).float()
         return {"mfm_reg_loss": F.mse_loss(pred, batch["video"][chosen].float())}
 
 
@@ -192,15 +229,18 @@ def shuffle_clips(valid: torch.Tensor, prob: float, gen: torch.Generator) -> tup
     return order.to(valid.device), moved.to(valid.device)
 
 
-class FrameOrderModelling:
+class FrameOrderModelling(nn.Module):
     """HERO FOM: 15% of clip positions shuffled; each shuffled clip's original position classified."""
 
     name = "fom"
+    model_parts = ("temporal",)
 
-    def __init__(self, vocab: TextVocab, shuffle_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, shuffle_prob: float = 0.15):
+        super().__init__()
         self.shuffle_prob = shuffle_prob
+        self.head = mlp_head(model.cfg.hidden, model.cfg.max_frames)
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         vm = batch["video_mask"]
         order, moved = shuffle_clips(vm, self.shuffle_prob, gen)
         video = batch["video"].gather(1, order.unsqueeze(-1).expand_as(batch["video"]))
@@ -210,13 +250,13 @@ class FrameOrderModelling:
         out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
         if not moved.any():  # every video in the batch has a single clip: nothing to reorder
             return {"fom_loss": out.temporal.sum() * 0.0, "fom_acc": float("nan")}
-        logits = model.fom_head(out.temporal[moved]).float()
+        logits = self.head(out.temporal[moved]).float()
         target = order[moved]
         loss = F.cross_entropy(logits, target)
         return {"fom_loss": loss, "fom_acc": (logits.argmax(-1) == target).float().mean().item()}
 
 
-class VideoSubtitleMatching:
+class VideoSubtitleMatching(nn.Module):
     """HERO VSM: one subtitle per video is the query.
 
     Local: the query's start and end clip, each a softmax over the video's clips
@@ -226,18 +266,23 @@ class VideoSubtitleMatching:
     """
 
     name = "vsm"
+    model_parts = ("temporal",)
 
-    def __init__(self, vocab: TextVocab, margin: float = 0.1, local_weight: float = 1.0, global_weight: float = 1.0):
+    def __init__(self, model, vocab: TextVocab, margin: float = 0.1, local_weight: float = 1.0,
+                 global_weight: float = 1.0):
+        super().__init__()
         self.margin, self.local_weight, self.global_weight = margin, local_weight, global_weight
+        H = model.cfg.hidden
+        self.query = init_weights(nn.Linear(H, 3 * H))  # start, end and global query vectors from one subtitle
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         vm, valid, spans = batch["video_mask"], batch["sub_valid"] & (batch["sub_spans"][..., 0] >= 0), batch["sub_spans"]
         has = valid.any(1)
         # a random valid subtitle per example: argmax of random scores over valid ones
         pick = torch.where(valid, _rand(valid.shape, gen, valid.device), torch.full_like(valid, -1.0, dtype=torch.float)).argmax(1)
         rows = torch.arange(len(pick), device=pick.device)
         q_ids, q_mask = batch["sub_ids"][rows, pick], batch["sub_mask"][rows, pick]
-        q = model.vsm_query(masked_mean(model.encode_text(q_ids, q_mask), q_mask)).float()
+        q = self.query(masked_mean(model.encode_text(q_ids, q_mask), q_mask)).float()
         q_start, q_end, q_glob = q.chunk(3, dim=-1)
         video, tokens = _video_inputs(batch, model)
         out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
@@ -265,7 +310,7 @@ class VideoSubtitleMatching:
         return {"vsm_loss": loss, "vsm_local": local.item(), "vsm_global": glob.item()}
 
 
-class JointContrastive:
+class JointContrastive(nn.Module):
     """UniVL joint: symmetric InfoNCE between pooled text and video vectors, learnable temperature.
 
     ``loss: milnce`` instead scores each text against every clip in the batch and
@@ -274,13 +319,15 @@ class JointContrastive:
     """
 
     name = "joint"
+    model_parts = ()  # the text and video encoders and the joint space are always built
 
-    def __init__(self, vocab: TextVocab, loss: str = "infonce", gather: bool = True):
+    def __init__(self, model, vocab: TextVocab, loss: str = "infonce", gather: bool = True):
+        super().__init__()
         if loss not in ("infonce", "milnce"):
             raise ConfigError(f"joint: loss must be infonce or milnce, got {loss!r}")
         self.loss, self.gather = loss, gather
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         vm = batch["video_mask"]
         video, tokens = _video_inputs(batch, model)
         text_h = model.encode_text(batch["text_ids"], batch["text_mask"])
@@ -314,13 +361,15 @@ class JointContrastive:
         return {"joint_loss": loss, "joint_temperature": (1.0 / scale).item(), "joint_candidates": candidates}
 
 
-class VideoTextAlignment:
+class VideoTextAlignment(nn.Module):
     """Cross-encoder matching: each text scored with its video and ``negatives`` other in-batch videos
     (and each video with as many other texts); cross-entropy over the candidates."""
 
     name = "align"
+    model_parts = ("align",)
 
-    def __init__(self, vocab: TextVocab, negatives: int = 3):
+    def __init__(self, model, vocab: TextVocab, negatives: int = 3):
+        super().__init__()
         if negatives < 1:
             raise ConfigError("align: negatives must be >= 1")
         self.negatives = negatives
@@ -331,7 +380,7 @@ class VideoTextAlignment:
         idx = r.topk(k, dim=1).indices
         return idx, allowed.gather(1, idx)
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         vm, tm = batch["video_mask"], batch["text_mask"]
         video, tokens = _video_inputs(batch, model)
         text_h = model.encode_text(batch["text_ids"], tm)
@@ -356,7 +405,7 @@ class VideoTextAlignment:
         return {"align_loss": loss, "align_acc": acc}
 
 
-class CaptionReconstruction:
+class CaptionReconstruction(nn.Module):
     """The decoder regenerates the caption (teacher forcing) while attending to the cross encoder.
 
     ``input_mask_prob`` is the share of caption tokens replaced by [MASK] in the
@@ -364,11 +413,13 @@ class CaptionReconstruction:
     """
 
     name = "caption"
+    model_parts = ("decoder",)
 
-    def __init__(self, vocab: TextVocab, input_mask_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, input_mask_prob: float = 0.15):
+        super().__init__()
         self.vocab, self.input_mask_prob = vocab, input_mask_prob
 
-    def __call__(self, model, batch, gen):
+    def forward(self, model, batch, gen):
         ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
         v = self.vocab
         maskable = tm & (ids != v.cls) & (ids != v.sep)
@@ -396,10 +447,16 @@ OBJECTIVES = {
 }
 
 
-def build_objective(name: str, vocab: TextVocab, options: dict):
+def model_parts_for(names) -> tuple[str, ...]:
+    """The optional model parts a set of objectives runs (``ModelConfig.parts``)."""
+    return tuple(sorted({part for name in names for part in OBJECTIVES[name].model_parts}))
+
+
+def build_objective(name: str, model, vocab: TextVocab, options: dict) -> nn.Module:
+    """The objective ``name`` with its own heads sized for ``model`` (which it does not keep)."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
     try:
-        return OBJECTIVES[name](vocab, **options)
+        return OBJECTIVES[name](model, vocab, **options)
     except TypeError as exc:
         raise ConfigError(f"objective {name!r}: bad option ({exc})") from None

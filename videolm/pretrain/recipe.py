@@ -98,9 +98,15 @@ class StageSpec:
             raise ConfigError(f"stage {self.name}: no objectives")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"stage {self.name}: fraction must be in (0, 1]")
-        knob = "weight" if self.mixing == "sum" else "ratio"
-        if not any(getattr(o, knob) > 0 for o in self.objectives):
+        if not self.active:
+            knob = "weight" if self.mixing == "sum" else "ratio"
             raise ConfigError(f"stage {self.name}: every objective has {knob} 0; nothing to train")
+
+    @property
+    def active(self) -> tuple[ObjectiveSpec, ...]:
+        """The objectives that run: weight > 0 (``sum``) or ratio > 0 (``sample``); 0 switches one off."""
+        knob = "weight" if self.mixing == "sum" else "ratio"
+        return tuple(o for o in self.objectives if getattr(o, knob) > 0)
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,8 @@ class PretrainConfig:
 
     @property
     def objective_names(self) -> list[str]:
-        return sorted({o.name for s in self.stages for o in s.objectives})
+        """Every objective that runs in some stage (switched-off ones left out)."""
+        return sorted({o.name for s in self.stages for o in s.active})
 
 
 def _objective(name: str, spec) -> ObjectiveSpec:
@@ -132,7 +139,7 @@ def _objective(name: str, spec) -> ObjectiveSpec:
     if weight < 0 or ratio < 0:
         raise ConfigError(f"objective {name}: weight and ratio must be >= 0")
     params = inspect.signature(OBJECTIVES[name]).parameters
-    accepted = set(params) - {"vocab"}
+    accepted = set(params) - {"model", "vocab"}
     unknown = set(spec) - accepted
     if unknown:
         raise ConfigError(f"objective {name}: unknown option(s) {', '.join(sorted(unknown))}; "

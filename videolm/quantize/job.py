@@ -24,10 +24,13 @@ import numpy as np
 from .. import __version__
 from ..config import to_dict
 from ..errors import VideolmError
-from ..features.shards import (
-    CODEBOOK_NAME, EXTRACT_CONFIG_NAME, ShardReader, check_same_config, config_key, list_shards,
-    partial_name, planned_shard_count, read_codebook, read_codebook_attrs, read_token_attrs, read_token_file,
-    token_path, unfinished_quantize_files, write_codebook, write_token_file,
+from ..features.layout import (
+    CODEBOOK_NAME, EXTRACT_CONFIG_NAME, list_shards, partial_name, planned_shard_count, token_path,
+    unfinished_quantize_files,
+)
+from ..features.shards import ShardReader, check_same_config, config_key
+from ..features.visual_words import (
+    read_codebook, read_codebook_attrs, read_token_attrs, read_token_file, write_codebook, write_token_file,
 )
 from ..model.inputs import VISUAL_SPECIAL_TOKENS, VISUAL_TOKEN_OFFSET
 from .kmeans import Codebook, QuantizeConfig, fit_codebook, normalize_rows, word_stats

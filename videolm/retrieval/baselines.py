@@ -19,7 +19,7 @@ import numpy as np
 
 from ..features.shards import FeatureStore
 from ..manifests.manifest import VideoEntry
-from .evaluate import DESCRIPTION_KINDS
+from .queries import DESCRIPTION_KINDS
 
 
 def pooled_features(store: FeatureStore, video_ids: list[str]) -> np.ndarray:

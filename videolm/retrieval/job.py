@@ -1,10 +1,10 @@
-"""``videolm eval-retrieval`` and ``videolm compare-runs``: load, encode, score, write the report.
+"""``videolm eval-retrieval``: load a checkpoint, encode, score, write the report.
 
 Outputs (formats in docs/formats.md):
 
 * report JSON: metrics and 95% bootstrap intervals per direction, counts,
   what was evaluated and how (checkpoint, step, split, search, flags), and the
-  per-query ranks that ``compare-runs`` pairs up;
+  per-query ranks that ``compare-runs`` (``retrieval.compare``) pairs up;
 * rankings JSONL: per query, its top list with scores and the right answer's rank;
 * PNG: recall@K curves of both directions.
 """
@@ -12,7 +12,6 @@ Outputs (formats in docs/formats.md):
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -23,14 +22,13 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..errors import ConfigError
 from ..features.shards import FeatureStore
 from ..manifests.manifest import SPLITS, load_manifest
-from .metrics import paired_bootstrap, recall_curve
-from .evaluate import (DIRECTIONS, EvalConfig, EvalError, PairEncoder, QuerySet, build_queries,
-                        evaluate_embeddings, rankings_rows)
+from .encoding import PairEncoder, require_align_head
+from .evaluate import DIRECTIONS, EvalConfig, evaluate_embeddings, rankings_rows
+from .metrics import recall_curve
+from .queries import EvalError, QuerySet, build_queries
 
-log = logging.getLogger("videolm.eval")
 TIE_POLICY = ("rank = 1 + candidates scoring strictly higher than the best correct one; "
               "ties count in the correct one's favour (pessimistic rank = rank + ties); NaN scores as -inf")
 
@@ -152,9 +150,8 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
     meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
     about = {"model": {"kind": "checkpoint", "checkpoint": str(ckpt), "step": meta.get("step"),
                        "objectives": run_cfg.objective_names}}
-    if cfg.rerank_top and "align" not in run_cfg.objective_names:
-        log.warning("re-ranking with the cross encoder's alignment head, but this run never trained 'align' "
-                    "(objectives: %s): expect re-ranking to make results worse", ", ".join(run_cfg.objective_names))
+    if cfg.rerank_top:
+        require_align_head(model, run_cfg.objective_names)
     if untrained:
         # Same architecture and code path, weights as a new run starts (text encoder from text_init).
         torch.manual_seed(cfg.seed)
@@ -188,67 +185,6 @@ def metrics_line(report: dict, direction: str = "t2v") -> str:
     m, ci = report[direction]["metrics"], report[direction]["ci95"]
     return (f"{direction}: R@1 {m['R@1']:.1f} [{ci['R@1'][0]:.1f}, {ci['R@1'][1]:.1f}]  R@5 {m['R@5']:.1f}  "
             f"R@10 {m['R@10']:.1f}  MedR {m['MedR']:g}  MnR {m['MnR']:.1f}  ({report[direction]['n_queries']} queries)")
-
-
-# --------------------------------------------------------------------------- compare-runs
-
-def _load_report(path: Path) -> dict:
-    try:
-        rep = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such report") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not a JSON report ({exc})") from None
-    if not all(d in rep and "per_query" in rep[d] for d in DIRECTIONS):
-        raise ConfigError(f"{path}: not a videolm retrieval report (no per-query ranks)")
-    return rep
-
-
-def paired_ranks(a: dict, b: dict, direction: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Ranks of the queries both reports share (matched by key), and how many were unmatched."""
-    ka = dict(zip(a[direction]["per_query"]["keys"], a[direction]["per_query"]["ranks"]))
-    kb = dict(zip(b[direction]["per_query"]["keys"], b[direction]["per_query"]["ranks"]))
-    common = [k for k in ka if k in kb]
-    return (np.array([ka[k] for k in common]), np.array([kb[k] for k in common]),
-            len(ka) + len(kb) - 2 * len(common))
-
-
-def format_p(test: dict) -> str:
-    """A bootstrap p-value at its resolution: none of n resamples crossing zero reads "p < 1/n"."""
-    if test["p_value"] * test["n_boot"] <= 1.0:
-        return f"p < {1.0 / test['n_boot']:.4g}"
-    return f"p = {test['p_value']:.4f}"
-
-
-def compare_runs(path_a: Path, path_b: Path, n_boot: int = 10000, seed: int = 0) -> tuple[str, dict]:
-    """Side-by-side table of two reports and a paired bootstrap test of R@1 per direction."""
-    a, b = _load_report(path_a), _load_report(path_b)
-    name_a, name_b = Path(path_a).stem, Path(path_b).stem
-    if name_a == name_b:
-        name_a, name_b = "A", "B"
-    lines = [f"A = {path_a}", f"B = {path_b}"]
-    for what in ("split", "query_mode", "n_videos"):
-        if a.get(what) != b.get(what):
-            lines.append(f"warning: {what} differs: A {a.get(what)!r}, B {b.get(what)!r}")
-    w = max(10, len(name_a), len(name_b))
-    lines.append(f"{'':12}{name_a:>{w}}{name_b:>{w}}{'B - A':>{w}}")
-    tests = {}
-    for d in DIRECTIONS:
-        for m in ("R@1", "R@5", "R@10", "MedR", "MnR"):
-            va, vb = a[d]["metrics"][m], b[d]["metrics"][m]
-            lines.append(f"{d + ' ' + m:12}{va:>{w}.2f}{vb:>{w}.2f}{vb - va:>+{w}.2f}")
-        ra, rb, unmatched = paired_ranks(a, b, d)
-        if len(ra) == 0:
-            lines.append(f"{d}: no queries in common; no paired test")
-            continue
-        t = paired_bootstrap(rb, ra, k=1, n_boot=n_boot, seed=seed)
-        t["queries"], t["unmatched"] = len(ra), unmatched
-        tests[d] = t
-        lines.append(f"{d} paired bootstrap on R@1 ({len(ra)} shared queries"
-                     + (f", {unmatched} unmatched left out" if unmatched else "")
-                     + f"): B - A = {t['delta']:+.2f} points, 95% CI [{t['ci'][0]:+.2f}, {t['ci'][1]:+.2f}], "
-                     + format_p(t))
-    return "\n".join(lines), tests
 
 
 def print_report(report: dict, stream=None) -> None:
