@@ -15,19 +15,20 @@ otherwise a built-in UniVL stage-2 recipe (joint + mlm + mfm_nce + align + capti
 to a fixed size (``--size small`` on CPU, ``--size base`` for a GPU), so the
 numbers do not move when the recipe's own sizes change. ``recipe.source`` says which.
 
-Measured, for the same model (rebuilt from the same seed for every run), the same
-objectives, the same step seeds and the same batches:
+Measured, for the same run (``videolm.pretrain.run.build_run``, rebuilt from the same
+seed for every run), the same objectives, the same step seeds and the same batches:
 
-* ``loader_w<N>``: a ``torch.utils.data.DataLoader`` over ``VideoTextDataset`` with
-  ``PlannedBatches`` and ``Collator``, built exactly as ``videolm/pretrain/trainer.py`` builds it,
-  with N workers (``--workers``, default: TrainConfig's default 2, then 0);
+* ``loader_w<N>``: the run's own DataLoader (``Run.make_loader``: ``VideoTextDataset``,
+  ``PlannedBatches`` and ``Collator``, exactly what ``videolm pretrain`` iterates) with
+  N workers (``--workers``, default: TrainConfig's default 2, then 0);
 * ``memory``: the same first ``warmup + steps`` batches of that plan collated into a
   list before the clock starts, then replayed.
 
-One timed run = ``--warmup`` untimed optimizer steps, then ``--steps`` timed ones of
-the full train step of train.py (objectives' forward, weighted loss sum, backward,
-grad clipping, AdamW, scheduler; not metrics logging or checkpoints), including the
-wait for the next batch. Each run is
+The recipe's last stage is timed, as a one-stage recipe. One timed run = ``--warmup``
+untimed optimizer steps, then ``--steps`` timed calls of ``videolm.pretrain.trainer.train_step``
+itself (objectives' forward, weighted loss sum, backward, grad clipping, AdamW,
+scheduler, non-finite check; not metrics logging or checkpoints), including the wait
+for the next batch (``data_s``; ``compute_s`` = step minus that wait). Each run is
 a fresh forked process (see "child processes" below). Runs of the modes alternate for
 ``--rounds`` rounds (the order flips every round) and medians are reported.
 ``loader_overhead = 1 - loader examples/s / memory examples/s``; the target is
@@ -37,16 +38,15 @@ mode compared). Runs during which other processes used CPU (``other_cpu_cores`` 
 ``--max-other-cpu``) are flagged and left out of the medians when clean runs exist;
 ``--quiet-wait`` waits for the machine to go quiet before each run.
 
-``per_objective``: every objective of the stage alone, forward + backward seconds
-per step (median) on the in-memory batches; ``optimizer_step_s`` is clip + AdamW.
+``per_objective``: every objective of the stage alone, the median seconds of a whole
+``train_step`` with only that objective (``names=[...]``) on the in-memory batches.
 ``loader_alone``: the DataLoader iterated without training (how fast it can feed),
 and ``one_process_costs``: per batch, ``dataset[i]`` (HDF5 read + caption/clip
 alignment) and ``Collator`` (padding + tokenisation) in one process.
 ``--diagnose`` adds loader variants that split the loader's cost (see its help).
 
-GPU: ``--device cuda`` defaults to ``--precision bf16 --size base`` (autocast as in
-train.py, pinned memory as in train.py) and also reports
-``torch.cuda.max_memory_allocated`` per mode.
+GPU: ``--device cuda`` defaults to ``--precision bf16 --size base`` (the trainer's
+autocast and pinned memory) and also reports ``torch.cuda.max_memory_allocated`` per mode.
 """
 
 from __future__ import annotations

@@ -475,6 +475,9 @@ def test_checkpoints_of_the_old_layout_fail_with_a_clear_error(data, tmp_path):
     with pytest.raises(ConfigError, match="do not fit the model.*before videolm 0.2"):
         load_pretrained(tmp_path / "run")
     torch.save(state, ckpt / "model.pt")
+    with pytest.raises(ConfigError, match=r"model.parts: \('cross',\) -> \('cross', 'decoder'\)"):
+        run_pretrain(apply_overrides(cfg, ["max_steps=3", "model.parts=[decoder]"]), features, manifest,
+                     tmp_path / "run", resume=True, progress=False)
     (ckpt / "objectives.pt").unlink()
     with pytest.raises(ConfigError, match="no objectives.pt"):
         run_pretrain(apply_overrides(cfg, ["max_steps=3"]), features, manifest, tmp_path / "run", resume=True,

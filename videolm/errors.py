@@ -28,9 +28,10 @@ class TrainError(VideolmError, RuntimeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit or preemption) turned into an exception.
 
-    A ``KeyboardInterrupt`` subclass on purpose: every handler that saves work on
-    Ctrl-C (pretraining's checkpoint, extraction's partial shard clean-up) does
-    the same on SIGTERM, and the CLI tells the two apart by type (exit 143, not 130).
+    Pretraining installs the handler that raises it. A ``KeyboardInterrupt``
+    subclass on purpose: every handler that saves work on Ctrl-C (pretraining's
+    checkpoint) does the same on SIGTERM, and the CLI tells the two apart by type
+    (exit 143, not 130).
     """
 
     def __init__(self, signal_name: str = "SIGTERM"):

@@ -1,1 +1,1 @@
-"""Feature extraction: decode (decode.py) -> encode (encoders.py) -> HDF5 shards (shards.py), run by job.py."""
+"""Stage 2, feature extraction: decode -> encode -> feature shards (features/), run by job.py."""

@@ -1,0 +1,1 @@
+"""Stage 1, manifests: the JSONL manifest, importers for public formats, the synthetic default data."""

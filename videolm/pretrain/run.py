@@ -172,7 +172,7 @@ def resolve_run_config(cfg: PretrainConfig, store: FeatureStore, ckpt: Path | No
 
 def check_resume_config(saved: PretrainConfig, wanted: PretrainConfig) -> None:
     a, b = recipe_to_dict(saved), recipe_to_dict(wanted)
-    for resolved in ("feature_dim", "visual_vocab", "parts"):
+    for resolved in ("feature_dim", "visual_vocab"):  # parts are resolved the same way on both sides
         b["model"][resolved] = a["model"][resolved]
     diffs = []
     for section in ("data", "model", "train"):
@@ -224,7 +224,8 @@ def build_run(cfg: PretrainConfig, store: FeatureStore, entries: list, device: s
     torch.manual_seed(tc.seed)
     model = VideoTextModel(cfg.model)
     objectives, weights = build_objectives(cfg, model, TextVocab.from_tokenizer(tokenizer))
-    model.to(device), objectives.to(device)
+    model.to(device)
+    objectives.to(device)
     runner = ObjectiveRunner(model, objectives)
     optimizer = build_optimizer(runner, model.text, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

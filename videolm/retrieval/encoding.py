@@ -7,6 +7,8 @@ than the model's ``max_frames`` is read at clips spread evenly over its length.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -14,9 +16,14 @@ from ..features.shards import FeatureStore
 from ..model.inputs import evenly_spread_clips, pad_clips, tokenize
 from .queries import EvalError
 
+log = logging.getLogger("videolm.retrieval.encoding")
+
 
 def require_align_head(model, objectives: list[str]) -> None:
     """Re-ranking scores pairs with the cross encoder's align head; a model built without one cannot re-rank."""
+    if "align" in model.parts and "align" not in objectives:  # kept by model.parts, never trained
+        log.warning("re-ranking with an align head the run never trained (objectives: %s): expect noise",
+                    ", ".join(objectives))
     if "align" not in model.parts:
         raise EvalError("re-ranking (--rerank-top) scores candidates with the cross encoder's align head, but this "
                         f"checkpoint's recipe had no align objective (objectives: {', '.join(objectives)}), so the "
