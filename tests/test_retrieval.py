@@ -204,3 +204,15 @@ def test_visual_word_model_needs_a_matching_codebook_and_an_align_head_to_rerank
     plain, _ = write_data(tmp_path / "plain", quantize=False)
     with pytest.raises(EvalError, match="has no codebook"):
         run_eval(tmp_path / "run", plain, manifest, EvalConfig(split="train", bootstrap=20), progress=False)
+
+
+def test_reranking_with_an_align_head_that_was_never_trained_warns(tmp_path, caplog):
+    from videolm.retrieval.job import run_eval
+
+    features, manifest = write_data(tmp_path / "d", quantize=False)
+    cfg = tiny({"joint": {"weight": 1.0}}, extra=["model.parts=[align]", "max_steps=2"])  # kept, not trained
+    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
+    rep = run_eval(tmp_path / "run", features, manifest, EvalConfig(split="train", bootstrap=20, rerank_top=2),
+                   progress=False)
+    assert rep["t2v"]["n_queries"] == 16
+    assert "align head the run never trained (objectives: joint)" in caplog.text
