@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import save_yaml
 from .errors import ConfigError
 from .extract.config import ExtractConfig
-from .config import save_yaml
 from .extract.job import ExtractSummary, run_extract
 from .features.shards import FeatureStore
 from .manifests.manifest import load_manifest, write_manifest
-from .quantize.kmeans import QuantizeConfig
-from .quantize.job import run_quantize, summary_lines
 from .manifests.synthetic import synthesize
 from .pretrain.metrics_log import read_metrics
+from .quantize.job import run_quantize, summary_lines
+from .quantize.kmeans import QuantizeConfig
 
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
 STEPS = 5
