@@ -79,6 +79,17 @@ def _video_inputs(batch: dict, model, chosen: torch.Tensor | None = None):
     return video, tokens
 
 
+def masked_clip_states(model, batch: dict, mask_prob: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide ``mask_prob`` of the real clips and run the model: (chosen (B, T), cross-encoder states of the chosen).
+
+    mvm, mfm_nce and mfm_reg differ only in what they predict from these states.
+    """
+    chosen = sample_mask(batch["video_mask"], mask_prob, gen)
+    video, tokens = _video_inputs(batch, model, chosen)
+    out = model(batch["text_ids"], batch["text_mask"], batch["video_mask"], video, tokens)
+    return chosen, out.cross_video[chosen]
+
+
 class MaskedLanguageModelling(nn.Module):
     """Caption tokens masked 15% (80% [MASK], 10% random, 10% kept), predicted with video context.
 
@@ -135,11 +146,9 @@ class MaskedVisualWords(nn.Module):
         self.head = mlp_head(model.cfg.hidden, model.cfg.visual_vocab)
 
     def forward(self, model, batch, gen):
-        chosen = sample_mask(batch["video_mask"], self.mask_prob, gen)
-        video, tokens = _video_inputs(batch, model, chosen)
-        out = model(batch["text_ids"], batch["text_mask"], batch["video_mask"], video, tokens)
+        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen)
         target = batch["video_tokens"][chosen]
-        logits = self.head(out.cross_video[chosen])
+        logits = self.head(states)
         loss = F.cross_entropy(logits.float(), target)
         return {"mvm_loss": loss, "mvm_acc": (logits.argmax(-1) == target).float().mean().item()}
 
@@ -162,10 +171,8 @@ class MaskedFrameNCE(nn.Module):
 
     def forward(self, model, batch, gen):
         vm = batch["video_mask"]
-        chosen = sample_mask(vm, self.mask_prob, gen)
-        video, tokens = _video_inputs(batch, model, chosen)
-        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens)
-        pred = F.normalize(self.head(out.cross_video[chosen]).float(), dim=-1)
+        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen)
+        pred = F.normalize(self.head(states).float(), dim=-1)
         candidates = F.normalize(batch["video"][vm].float(), dim=-1)
         # index of each masked clip among the real clips, in the same row-major order as batch["video"][vm]
         target = (torch.cumsum(vm.flatten().long(), 0) - 1)[chosen.flatten()]
@@ -198,11 +205,8 @@ class MaskedFrameRegression(nn.Module):
         self.head = feature_head(model)
 
     def forward(self, model, batch, gen):
-        vm = batch["video_mask"]
-        chosen = sample_mask(vm, self.mask_prob, gen)
-        video, tokens = _video_inputs(batch, model, chosen)
-        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens)
-        pred = self.head(out.cross_video[chosen]).float()
+        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen)
+        pred = self.head(states).float()
         return {"mfm_reg_loss": F.mse_loss(pred, batch["video"][chosen].float())}
 
 
@@ -237,8 +241,8 @@ class FrameOrderModelling(nn.Module):
 
     def __init__(self, model, vocab: TextVocab, shuffle_prob: float = 0.15):
         super().__init__()
+        self.head = mlp_head(model.cfg.hidden, model.cfg.max_frames)  # one class per clip position
         self.shuffle_prob = shuffle_prob
-        self.head = mlp_head(model.cfg.hidden, model.cfg.max_frames)
 
     def forward(self, model, batch, gen):
         vm = batch["video_mask"]
