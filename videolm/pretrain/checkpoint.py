@@ -176,7 +176,7 @@ def load_trainer_state(ckpt: Path, map_location="cpu") -> dict:
 
 def load_pretrained(path: str | os.PathLike, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run directory or one checkpoint directory."""
-    from ..model.video_text import VideoTextModel
+    from ..model.video_text import build_model
     from ..model.text import load_tokenizer
 
     ckpt = latest_checkpoint(path)
@@ -185,7 +185,7 @@ def load_pretrained(path: str | os.PathLike, device: str = "cpu"):
     cfg = load_run_config(ckpt)
     # The text encoder's weights come from the checkpoint, not from text_init, but
     # the architecture is rebuilt from text_init's config; "none" rebuilds it from sizes.
-    model = VideoTextModel(cfg.model)
+    model = build_model(cfg.model)
     load_into(model, load_model_state(ckpt), ckpt)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / "tokenizer"), cfg

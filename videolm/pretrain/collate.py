@@ -17,6 +17,9 @@ key                shape         meaning
 ``sub_mask``       (B, S, Ls)
 ``sub_spans``      (B, S, 2)     first and last clip each caption overlaps
 ``sub_valid``      (B, S) bool   False on padding subtitles
+``clip_owner``     (B, T) long   the subtitle each clip belongs to (HERO's local level), -1 for
+                                 none: of the subtitles a clip overlaps, the one with the largest
+                                 temporal IoU (ties: the earlier one)
 ``video_key``      (B,) long     CRC32 of the video id, equal for examples cut from the same
                                  video: contrastive objectives must not use such pairs as
                                  negatives (a hash, so it also compares across ranks)
@@ -65,7 +68,11 @@ class Collator:
         flat, where = [], []
         spans = torch.full((B, S, 2), -1, dtype=torch.long)
         valid = torch.zeros(B, S, dtype=torch.bool)
+        owner = torch.full((B, max(len(e["features"]) for e in examples)), -1, dtype=torch.long)
         for i, e in enumerate(examples):
+            if e.get("text_times") is not None and e.get("clip_starts") is not None:
+                found = clip_owner(e["clip_starts"], e["clip_ends"], e["text_times"][:S])
+                owner[i, : len(found)] = torch.from_numpy(found)
             for j, (t, span) in enumerate(zip(e["texts"][:S], e["text_spans"][:S])):
                 flat.append(t)
                 where.append((i, j))
@@ -76,7 +83,24 @@ class Collator:
         sub_mask = torch.zeros(B, S, ids.shape[1], dtype=torch.bool)
         for k, (i, j) in enumerate(where):
             sub_ids[i, j], sub_mask[i, j] = ids[k], mask[k]
-        return {"sub_ids": sub_ids, "sub_mask": sub_mask, "sub_spans": spans, "sub_valid": valid}
+        return {"sub_ids": sub_ids, "sub_mask": sub_mask, "sub_spans": spans, "sub_valid": valid, "clip_owner": owner}
+
+
+def clip_owner(starts: np.ndarray, ends: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """(n_clips,) index of the subtitle (rows of ``times``: start, end) each clip belongs to, -1 for none.
+
+    HERO pairs every frame with one subtitle: the one whose time span overlaps
+    the clip's most, measured as intersection over union.
+    """
+    starts, ends = np.asarray(starts, np.float64)[:, None], np.asarray(ends, np.float64)[:, None]
+    if len(times) == 0:
+        return np.full(len(starts), -1, dtype=np.int64)
+    s, e = np.asarray(times, np.float64)[:, 0][None], np.asarray(times, np.float64)[:, 1][None]
+    inter = np.clip(np.minimum(ends, e) - np.maximum(starts, s), 0, None)
+    union = np.maximum(ends, e) - np.minimum(starts, s)
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    best = iou.argmax(1)
+    return np.where(iou.max(1) > 0, best, -1).astype(np.int64)
 
 
 def clip_starts(examples: list[dict], longest: int) -> torch.Tensor:

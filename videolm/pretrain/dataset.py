@@ -184,4 +184,5 @@ class VideoTextDataset:
             "clip_ends": ends,
             "texts": [c.text for c in texts],
             "text_spans": spans[keep],
+            "text_times": np.array([(c.start, c.end) for c in texts], dtype=np.float32).reshape(-1, 2),
         }

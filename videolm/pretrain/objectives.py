@@ -6,10 +6,12 @@ times the objective's weight) and whose other entries are detached numbers for
 the log. A head that only this objective uses (mlm's transform, mvm/mfm/fom's
 classifiers, vsm's query vectors) is the objective's own parameter, built from
 the model it will train, so a recipe without ``fom`` has no ``fom`` head. What
-downstream use needs (encoders, projections, temperature, align score, caption
-decoder) is the model's. ``model_parts`` names the optional model parts an
-objective runs (``model.video_text.OPTIONAL_PARTS``); the trainer builds the
-model with the union over the recipe.
+downstream use needs (encoders, joint space, align score, caption decoder) is the
+model's. ``model_parts`` names the optional model parts an objective runs
+(``model.video_text.KNOWN_PARTS``); the trainer builds the model with the union
+over the recipe. ``architectures`` lists the model layouts an objective runs on
+(``model.video_text.ARCHITECTURES``); a recipe that pairs it with another is
+refused when its config is loaded (``check_architecture``).
 
 Randomness comes only from ``gen`` (a CPU ``torch.Generator`` the trainer seeds
 per step), so a resumed run draws the same masks as an uninterrupted one.
@@ -30,7 +32,9 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .distributed import gather_keys, gather_with_grad
 from ..model.inputs import VISUAL_MASK_ID
+from ..model.bert_layers import prediction_transform
 from ..model.layers import init_weights, masked_mean, mlp_head
+from ..model.video_text import ARCHITECTURES
 
 IGNORE = -100
 
@@ -69,42 +73,56 @@ def same_video(batch: dict, keys: torch.Tensor | None = None) -> torch.Tensor:
     return k[:, None] == k[None, :]
 
 
-def _video_inputs(batch: dict, model, chosen: torch.Tensor | None = None):
-    """Video and visual-word inputs with ``chosen`` clips masked (features zeroed, words -> [MASK])."""
-    video, tokens = batch["video"], batch.get("video_tokens")
-    if chosen is not None:
-        video = video.masked_fill(chosen.unsqueeze(-1), 0.0)
-        if tokens is not None:
-            tokens = tokens.masked_fill(chosen, VISUAL_MASK_ID)
-    return video, tokens
+def hide_clips(batch: dict, chosen: torch.Tensor) -> dict:
+    """The batch with ``chosen`` clips hidden: features zeroed, visual words -> [MASK]."""
+    out = {**batch, "video": batch["video"].masked_fill(chosen.unsqueeze(-1), 0.0)}
+    if batch.get("video_tokens") is not None:
+        out["video_tokens"] = batch["video_tokens"].masked_fill(chosen, VISUAL_MASK_ID)
+    return out
 
 
-def masked_clip_states(model, batch: dict, mask_prob: float, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hide ``mask_prob`` of the real clips and run the model: (chosen (B, T), cross-encoder states of the chosen).
+def hide_whole_texts(model, batch: dict, prob: float, vocab: "TextVocab", gen) -> dict:
+    """UniVL's EnhancedV: with probability ``prob`` per example, every word of its text becomes [MASK]
+    ([CLS], [SEP] and padding stay), so the video side alone must carry what the objective predicts."""
+    if prob <= 0:
+        return batch
+    key = model.text_input
+    ids, mask = batch[f"{key}_ids"], batch[f"{key}_mask"]
+    whole = _rand(ids.shape[:1], gen, ids.device) < prob
+    words = mask & (ids != vocab.cls) & (ids != vocab.sep) & (ids != vocab.pad)
+    hidden = words & whole.view(-1, *[1] * (ids.dim() - 1))
+    return {**batch, f"{key}_ids": ids.masked_fill(hidden, vocab.mask)}
 
-    mvm, mfm_nce and mfm_reg differ only in what they predict from these states.
+
+def masked_clip_states(model, batch: dict, mask_prob: float, gen, enhanced_v: float = 0.0,
+                       vocab: "TextVocab | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide ``mask_prob`` of the real clips and run the model: (chosen (B, T), clip states of the chosen).
+
+    mvm, mfm_nce and mfm_reg differ only in what they predict from these states
+    (``out.clips``: the cross encoder's, or HERO's global level).
     """
     chosen = sample_mask(batch["video_mask"], mask_prob, gen)
-    video, tokens = _video_inputs(batch, model, chosen)
-    out = model(batch["text_ids"], batch["text_mask"], batch["video_mask"], video, tokens)
-    return chosen, out.cross_video[chosen]
+    inputs = hide_whole_texts(model, hide_clips(batch, chosen), enhanced_v, vocab, gen)
+    return chosen, model(inputs).clips[chosen]
 
 
 class MaskedLanguageModelling(nn.Module):
     """Caption tokens masked 15% (80% [MASK], 10% random, 10% kept), predicted with video context.
 
     The prediction is BERT's: transform, then the text encoder's own word
-    embeddings (tied, read from the model) plus a bias of this objective's.
+    embeddings (tied, read from the model) plus a bias of this objective's. The
+    masked text is the one the model's cross-modal pass reads (``model.text_input``):
+    the joined captions, or HERO's subtitles one by one (its local level only).
     """
 
     name = "mlm"
     model_parts = ("cross",)
+    architectures = ARCHITECTURES
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
         super().__init__()
         self.vocab, self.mask_prob = vocab, mask_prob
-        H = model.cfg.hidden
-        self.transform = init_weights(nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H)))
+        self.transform = init_weights(prediction_transform(model.cfg.hidden))
         self.bias = nn.Parameter(torch.zeros(model.word_embeddings.shape[0]))
 
     def logits(self, model, h: torch.Tensor) -> torch.Tensor:
@@ -122,9 +140,9 @@ class MaskedLanguageModelling(nn.Module):
         return out, labels
 
     def forward(self, model, batch, gen):
-        ids, labels = self.corrupt(batch["text_ids"], batch["text_mask"], gen)
-        video, tokens = _video_inputs(batch, model)
-        out = model(ids, batch["text_mask"], batch["video_mask"], video, tokens)
+        key = model.text_input
+        ids, labels = self.corrupt(batch[f"{key}_ids"], batch[f"{key}_mask"], gen)
+        out = model({**batch, f"{key}_ids": ids}, local_only=True)
         at = labels != IGNORE
         logits = self.logits(model, out.cross_text[at])
         loss = F.cross_entropy(logits.float(), labels[at])
@@ -136,6 +154,7 @@ class MaskedVisualWords(nn.Module):
 
     name = "mvm"
     model_parts = ("cross",)
+    architectures = ARCHITECTURES
     needs_tokens = True
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
@@ -163,15 +182,18 @@ class MaskedFrameNCE(nn.Module):
 
     name = "mfm_nce"
     model_parts = ("cross",)
+    architectures = ARCHITECTURES
 
-    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1):
+    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1,
+                 enhanced_v: float = 0.0):
         super().__init__()
         self.mask_prob, self.temperature = mask_prob, temperature
+        self.vocab, self.enhanced_v = vocab, check_probability("mfm_nce", "enhanced_v", enhanced_v)
         self.head = feature_head(model)
 
     def forward(self, model, batch, gen):
         vm = batch["video_mask"]
-        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen)
+        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen, self.enhanced_v, self.vocab)
         pred = F.normalize(self.head(states).float(), dim=-1)
         candidates = F.normalize(batch["video"][vm].float(), dim=-1)
         # index of each masked clip among the real clips, in the same row-major order as batch["video"][vm]
@@ -198,14 +220,16 @@ class MaskedFrameRegression(nn.Module):
 
     name = "mfm_reg"
     model_parts = ("cross",)
+    architectures = ARCHITECTURES
 
-    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, enhanced_v: float = 0.0):
         super().__init__()
         self.mask_prob = mask_prob
+        self.vocab, self.enhanced_v = vocab, check_probability("mfm_reg", "enhanced_v", enhanced_v)
         self.head = feature_head(model)
 
     def forward(self, model, batch, gen):
-        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen)
+        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen, self.enhanced_v, self.vocab)
         pred = self.head(states).float()
         return {"mfm_reg_loss": F.mse_loss(pred, batch["video"][chosen].float())}
 
@@ -234,10 +258,15 @@ def shuffle_clips(valid: torch.Tensor, prob: float, gen: torch.Generator) -> tup
 
 
 class FrameOrderModelling(nn.Module):
-    """HERO FOM: 15% of clip positions shuffled; each shuffled clip's original position classified."""
+    """HERO FOM: 15% of clip positions shuffled; each shuffled clip's original position classified.
+
+    As in HERO the shuffle happens between the levels: the local level reads the
+    clips in time order, the global level in the shuffled one.
+    """
 
     name = "fom"
     model_parts = ("temporal",)
+    architectures = ("hierarchical",)
 
     def __init__(self, model, vocab: TextVocab, shuffle_prob: float = 0.15):
         super().__init__()
@@ -247,14 +276,10 @@ class FrameOrderModelling(nn.Module):
     def forward(self, model, batch, gen):
         vm = batch["video_mask"]
         order, moved = shuffle_clips(vm, self.shuffle_prob, gen)
-        video = batch["video"].gather(1, order.unsqueeze(-1).expand_as(batch["video"]))
-        tokens = batch.get("video_tokens")
-        if tokens is not None:
-            tokens = tokens.gather(1, order)
-        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
+        out = model(batch, clip_order=order)
         if not moved.any():  # every video in the batch has a single clip: nothing to reorder
-            return {"fom_loss": out.temporal.sum() * 0.0, "fom_acc": float("nan")}
-        logits = self.head(out.temporal[moved]).float()
+            return {"fom_loss": out.clips.sum() * 0.0, "fom_acc": float("nan")}
+        logits = self.head(out.clips[moved]).float()
         target = order[moved]
         loss = F.cross_entropy(logits, target)
         return {"fom_loss": loss, "fom_acc": (logits.argmax(-1) == target).float().mean().item()}
@@ -271,6 +296,7 @@ class VideoSubtitleMatching(nn.Module):
 
     name = "vsm"
     model_parts = ("temporal",)
+    architectures = ("hierarchical",)
 
     def __init__(self, model, vocab: TextVocab, margin: float = 0.1, local_weight: float = 1.0,
                  global_weight: float = 1.0):
@@ -288,9 +314,7 @@ class VideoSubtitleMatching(nn.Module):
         q_ids, q_mask = batch["sub_ids"][rows, pick], batch["sub_mask"][rows, pick]
         q = self.query(masked_mean(model.encode_text(q_ids, q_mask), q_mask)).float()
         q_start, q_end, q_glob = q.chunk(3, dim=-1)
-        video, tokens = _video_inputs(batch, model)
-        out = model(batch["text_ids"], batch["text_mask"], vm, video, tokens, with_temporal=True)
-        frames = out.temporal.float()
+        frames = model(batch).clips.float()
         if not has.any():  # no subtitle overlaps any crop in this batch: nothing to match
             zero = frames.sum() * 0.0 + q.sum() * 0.0
             return {"vsm_loss": zero, "vsm_local": float("nan"), "vsm_global": float("nan")}
@@ -324,6 +348,7 @@ class JointContrastive(nn.Module):
 
     name = "joint"
     model_parts = ()  # the text and video encoders and the joint space are always built
+    architectures = ARCHITECTURES
 
     def __init__(self, model, vocab: TextVocab, loss: str = "infonce", gather: bool = True):
         super().__init__()
@@ -333,14 +358,13 @@ class JointContrastive(nn.Module):
 
     def forward(self, model, batch, gen):
         vm = batch["video_mask"]
-        video, tokens = _video_inputs(batch, model)
         text_h = model.encode_text(batch["text_ids"], batch["text_mask"])
-        video_h = model.encode_video(vm, video, tokens)
-        t = model.text_embedding(text_h, batch["text_mask"]).float()
-        scale = model.logit_scale.exp().clamp(max=100.0)
+        video_h = model.encode_video(vm, batch["video"], batch.get("video_tokens"))
+        t = model.joint.text(text_h, batch["text_mask"]).float()
+        scale = model.joint.logit_scale.exp().clamp(max=100.0)
         keys, offset = batch["video_key"], 0
         if self.loss == "infonce":
-            v = model.video_embedding(video_h, vm).float()
+            v = model.joint.video(video_h, vm).float()
             if self.gather:
                 t_all, v_all, keys, offset = *gather_with_grad(t, v), *gather_keys(batch["video_key"])
             else:
@@ -353,7 +377,7 @@ class JointContrastive(nn.Module):
             logits_v = (scale * (v @ t_all.t()).float()).masked_fill(blocked, float("-inf"))
             loss = (F.cross_entropy(logits_t, idx) + F.cross_entropy(logits_v, idx)) / 2
         else:
-            clips = model.clip_embeddings(video_h).float()  # (B, T, E)
+            clips = model.joint.clips(video_h).float()  # (B, T, E)
             owner = torch.arange(len(t), device=t.device)[:, None].expand_as(vm)[vm]
             c = clips[vm]  # (M, E) every real clip in the batch
             scores = scale * (t @ c.t()).float()  # (B, M)
@@ -371,6 +395,7 @@ class VideoTextAlignment(nn.Module):
 
     name = "align"
     model_parts = ("align",)
+    architectures = ("two_stream", "single_stream")
 
     def __init__(self, model, vocab: TextVocab, negatives: int = 3):
         super().__init__()
@@ -385,20 +410,16 @@ class VideoTextAlignment(nn.Module):
         return idx, allowed.gather(1, idx)
 
     def forward(self, model, batch, gen):
-        vm, tm = batch["video_mask"], batch["text_mask"]
-        video, tokens = _video_inputs(batch, model)
-        text_h = model.encode_text(batch["text_ids"], tm)
-        video_h = model.encode_video(vm, video, tokens)
-        B = len(text_h)
+        vm = batch["video_mask"]
+        B = len(vm)
         allowed = ~same_video(batch)
         neg_v, ok_v = self._pick(allowed, gen)  # for text i: videos neg_v[i]
         neg_t, ok_t = self._pick(allowed, gen)  # for video i: texts neg_t[i]
         rows = torch.arange(B, device=vm.device)[:, None]
         text_idx = torch.cat([rows, rows.expand_as(neg_v), neg_t], 1)  # (B, 1 + 2k)
         video_idx = torch.cat([rows, neg_v, rows.expand_as(neg_t)], 1)
-        ct, _ = model.cross(text_h[text_idx.flatten()], tm[text_idx.flatten()],
-                            video_h[video_idx.flatten()], vm[video_idx.flatten()])
-        scores = model.align_score(ct[:, 0]).float().view(B, -1)
+        pooled = model.pair_pooled(batch, text_idx.flatten(), video_idx.flatten())
+        scores = model.align_score(pooled).float().view(B, -1)
         k = neg_v.shape[1]
         pos = scores[:, :1]
         s_v = torch.cat([pos, scores[:, 1 : 1 + k].masked_fill(~ok_v, float("-inf"))], 1)
@@ -414,22 +435,26 @@ class CaptionReconstruction(nn.Module):
 
     ``input_mask_prob`` is the share of caption tokens replaced by [MASK] in the
     cross encoder's input: UniVL uses 0.15; 1.0 makes it captioning from video alone.
+    ``enhanced_v`` (UniVL's EnhancedV) hides the whole input text of that share of
+    examples.
     """
 
     name = "caption"
     model_parts = ("decoder",)
+    architectures = ("two_stream",)
 
-    def __init__(self, model, vocab: TextVocab, input_mask_prob: float = 0.15):
+    def __init__(self, model, vocab: TextVocab, input_mask_prob: float = 0.15, enhanced_v: float = 0.0):
         super().__init__()
         self.vocab, self.input_mask_prob = vocab, input_mask_prob
+        self.enhanced_v = check_probability("caption", "enhanced_v", enhanced_v)
 
     def forward(self, model, batch, gen):
         ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
         v = self.vocab
         maskable = tm & (ids != v.cls) & (ids != v.sep)
         hidden = (_rand(ids.shape, gen, ids.device) < self.input_mask_prob) & maskable
-        video, tokens = _video_inputs(batch, model)
-        out = model(ids.masked_fill(hidden, v.mask), tm, vm, video, tokens)
+        inputs = hide_whole_texts(model, {**batch, "text_ids": ids.masked_fill(hidden, v.mask)}, self.enhanced_v, v, gen)
+        out = model(inputs)
         memory = torch.cat([out.cross_text, out.cross_video], 1)
         memory_mask = torch.cat([tm, vm], 1)
         logits = model.decode(ids[:, :-1], tm[:, :-1], memory, memory_mask).float()
@@ -451,6 +476,21 @@ OBJECTIVES = {
 }
 
 
+def check_probability(objective: str, option: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{objective}: {option} must be a probability in [0, 1], got {value}")
+    return value
+
+
+def check_architecture(names, architecture: str) -> None:
+    """Refuse, at config time, a recipe whose objectives cannot run on ``architecture``."""
+    bad = [n for n in names if n in OBJECTIVES and architecture not in OBJECTIVES[n].architectures]
+    if bad:
+        detail = "; ".join(f"{n} runs on {', '.join(OBJECTIVES[n].architectures)}" for n in bad)
+        raise ConfigError(f"objective(s) {', '.join(bad)} cannot run on model.architecture {architecture!r} "
+                          f"({detail}); see docs/models.md")
+
+
 def model_parts_for(names) -> tuple[str, ...]:
     """The optional model parts a set of objectives runs (``ModelConfig.parts``)."""
     return tuple(sorted({part for name in names for part in OBJECTIVES[name].model_parts}))
@@ -460,6 +500,7 @@ def build_objective(name: str, model, vocab: TextVocab, options: dict) -> nn.Mod
     """The objective ``name`` with its own heads sized for ``model`` (which it does not keep)."""
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    check_architecture([name], model.cfg.architecture)
     try:
         return OBJECTIVES[name](model, vocab, **options)
     except TypeError as exc:

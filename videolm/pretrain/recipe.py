@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..config import from_dict
 from .dataset import DataConfig
 from ..model.video_text import ModelConfig
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, check_architecture
 
 MIXING = ("sum", "sample")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -62,6 +62,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads in each training process; 0 keeps torch's default (all cores)
     split: str = "train"
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (skipped) before the run stops
+    init_from: str = ""  # run or checkpoint directory whose model (and matching heads) a new run starts from
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -115,6 +116,9 @@ class PretrainConfig:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     stages: tuple[StageSpec, ...] = ()
+
+    def __post_init__(self):
+        check_architecture(self.objective_names, self.model.architecture)
 
     def stage_at(self, step: int) -> StageSpec:
         """The stage that owns optimizer step ``step`` (stages split max_steps by fraction)."""

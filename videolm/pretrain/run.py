@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import to_dict
 from ..errors import ConfigError, TrainError
 from ..features.shards import FeatureStore
 from ..model.text import load_tokenizer, resolve_text_dir
-from ..model.video_text import VideoTextModel, parts_with_needs, resolve_model_config
-from .checkpoint import (load_into, load_model_state, load_objective_state, load_run_config, load_trainer_state,
-                         set_rng_state)
+from ..model.video_text import build_model, parts_with_needs, resolve_model_config
+from .checkpoint import (latest_checkpoint, load_into, load_model_state, load_objective_state, load_run_config,
+                         load_trainer_state, set_rng_state)
 from .collate import Collator
 from .dataset import VideoTextDataset
 from .objectives import OBJECTIVES, TextVocab, build_objective, model_parts_for
@@ -69,7 +70,7 @@ class PlannedBatches:
 class ObjectiveRunner(nn.Module):
     """The model plus the objectives (and their heads), so one forward call computes a micro-batch's losses."""
 
-    def __init__(self, model: VideoTextModel, objectives: nn.ModuleDict):
+    def __init__(self, model: nn.Module, objectives: nn.ModuleDict):
         super().__init__()
         self.model, self.objectives = model, objectives
 
@@ -113,7 +114,7 @@ class Run:
     world: int
     dataset: VideoTextDataset
     tokenizer: object
-    model: VideoTextModel
+    model: nn.Module
     objectives: nn.ModuleDict  # task_key -> objective (with its heads)
     weights: dict[str, float]  # task_key -> loss weight
     runner: nn.Module  # ObjectiveRunner, wrapped in DDP under torchrun
@@ -157,6 +158,8 @@ def resolve_run_config(cfg: PretrainConfig, store: FeatureStore, ckpt: Path | No
     mcfg = resolve_model_config(cfg.model, store.dim, vocab)
     # the parts the objectives run, plus any the recipe asks to keep (e.g. a decoder for later fine-tuning)
     mcfg = replace(mcfg, parts=parts_with_needs(set(mcfg.parts or ()) | set(model_parts_for(cfg.objective_names))))
+    if ckpt is None and cfg.train.init_from:
+        mcfg = init_model_config(mcfg, cfg.train.init_from, rank)
     cfg = PretrainConfig(cfg.data, mcfg, cfg.train, cfg.stages)
     if ckpt is None:
         return cfg
@@ -168,6 +171,63 @@ def resolve_run_config(cfg: PretrainConfig, store: FeatureStore, ckpt: Path | No
         log.warning("resuming a run trained with %d process(es) on %d: the global batch and data order "
                     "change, so losses will not repeat an uninterrupted run", before, world)
     return PretrainConfig(saved.data, saved.model, cfg.train, saved.stages)
+
+
+def init_checkpoint(path: str) -> Path:
+    found = latest_checkpoint(path)
+    if found is None:
+        raise ConfigError(f"train.init_from {path}: no checkpoint there (a run directory or one checkpoint directory)")
+    return found
+
+
+def init_model_config(mcfg, path: str, rank: int):
+    """The model of the checkpoint a run starts from, with the parts this recipe's objectives add.
+
+    Its sizes, architecture and input kind come from that checkpoint (its weights
+    only fit them); the recipe's own model section is set aside, with a warning
+    where it differs.
+    """
+    saved = load_run_config(init_checkpoint(path)).model
+    if saved.feature_dim != mcfg.feature_dim:
+        raise ConfigError(f"train.init_from {path}: its model reads {saved.feature_dim}-d clip features but these "
+                          f"shards hold {mcfg.feature_dim}-d ones")
+    if saved.video_input == "tokens" and saved.visual_vocab != mcfg.visual_vocab:
+        raise ConfigError(f"train.init_from {path}: its model has {saved.visual_vocab} visual-word ids, the codebook "
+                          f"gives {mcfg.visual_vocab}")
+    parts = parts_with_needs(set(saved.parts or ()) | set(mcfg.parts or ()))
+    ours, theirs = to_dict(replace(mcfg, parts=None)), to_dict(replace(saved, parts=None))
+    differ = [f"{k}: {ours[k]!r} -> {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+    if differ and rank == 0:
+        log.warning("train.init_from %s: the model comes from that checkpoint; the recipe's model settings are "
+                    "set aside (%s)", path, "; ".join(differ))
+    return replace(saved, parts=parts)
+
+
+def load_init_weights(run: Run, path: str) -> None:
+    """Model weights (every key of the checkpoint; parts it lacks start fresh, listed) and each objective's
+    head from the checkpoint's objective of the same name, when it has one."""
+    ckpt = init_checkpoint(path)
+    state = load_model_state(ckpt, run.device)
+    own = run.model.state_dict()
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise ConfigError(f"train.init_from {ckpt}: weights with no place in this model: {', '.join(extra[:10])}")
+    fresh = sorted(set(own) - set(state))
+    run.model.load_state_dict(state, strict=False)
+    heads = load_objective_state(ckpt, run.device) if (ckpt / "objectives.pt").is_file() else {}
+    by_name: dict[str, dict] = defaultdict(dict)
+    for key, value in heads.items():  # "<stage>:<name>.<param>"; a later stage's copy wins
+        task, param = key.split(".", 1)
+        by_name[task.split(":", 1)[1]][param] = value
+    for key, objective in run.objectives.items():
+        name = key.split(":", 1)[1]
+        wanted = objective.state_dict()
+        if wanted and by_name.get(name, {}).keys() == wanted.keys():
+            objective.load_state_dict(by_name[name])
+        elif wanted:
+            fresh.append(f"{key} head")
+    if run.rank == 0:
+        log.info("started from %s%s", ckpt, f"; fresh (not in it): {', '.join(fresh[:12])}" if fresh else "")
 
 
 def check_resume_config(saved: PretrainConfig, wanted: PretrainConfig) -> None:
@@ -201,10 +261,12 @@ def leaves_parameters_unused(cfg: PretrainConfig) -> bool:
     active = [o.name for o in cfg.stages[0].active]
     if cfg.stages[0].mixing == "sample" and len(active) > 1:
         return True
+    if cfg.model.architecture == "hierarchical":  # mlm runs the local level only, joint the global one only
+        return True
     return "joint" not in active
 
 
-def build_objectives(cfg: PretrainConfig, model: VideoTextModel, vocab: TextVocab):
+def build_objectives(cfg: PretrainConfig, model: nn.Module, vocab: TextVocab):
     """(task_key -> objective, task_key -> weight) for the objectives that run, over every stage."""
     objectives = nn.ModuleDict({task_key(si, o.name): build_objective(o.name, model, vocab, o.options)
                                 for si, s in enumerate(cfg.stages) for o in s.active})
@@ -220,9 +282,12 @@ def build_run(cfg: PretrainConfig, store: FeatureStore, entries: list, device: s
         raise ConfigError("precision fp16 needs CUDA; use bf16 or fp32 on CPU")
     cfg = resolve_run_config(cfg, store, ckpt, world, rank)
     dataset = VideoTextDataset(store, entries, cfg.data, seed=tc.seed)
-    tokenizer = load_tokenizer(ckpt / "tokenizer" if ckpt else resolve_text_dir(cfg.model.text_init))
+    if ckpt is not None or tc.init_from:  # the tokenizer the weights were trained with
+        tokenizer = load_tokenizer((ckpt or init_checkpoint(tc.init_from)) / "tokenizer")
+    else:
+        tokenizer = load_tokenizer(resolve_text_dir(cfg.model.text_init))
     torch.manual_seed(tc.seed)
-    model = VideoTextModel(cfg.model)
+    model = build_model(cfg.model)
     objectives, weights = build_objectives(cfg, model, TextVocab.from_tokenizer(tokenizer))
     model.to(device)
     objectives.to(device)
@@ -235,6 +300,8 @@ def build_run(cfg: PretrainConfig, store: FeatureStore, entries: list, device: s
               scheduler, scaler, checkpoint=ckpt)
     if ckpt is not None:
         restore(run, ckpt)
+    elif tc.init_from:
+        load_init_weights(run, tc.init_from)
     if world > 1:
         ddp_kwargs = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
         run.runner = nn.parallel.DistributedDataParallel(
@@ -243,6 +310,9 @@ def build_run(cfg: PretrainConfig, store: FeatureStore, entries: list, device: s
 
 
 def restore(run: Run, ckpt: Path) -> None:
+    if not (ckpt / "trainer.pt").is_file():
+        raise ConfigError(f"{ckpt}: no trainer.pt, so there is no optimiser state to resume (an imported "
+                          "checkpoint?); start a new run from it with `pretrain --init-from` instead")
     load_into(run.model, load_model_state(ckpt, run.device), ckpt)
     load_into(run.objectives, load_objective_state(ckpt, run.device), ckpt)
     state = load_trainer_state(ckpt, map_location=run.device)

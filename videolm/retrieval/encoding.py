@@ -86,26 +86,31 @@ class PairEncoder:
         return np.concatenate(out)
 
     def embed_texts(self, texts: list[str], progress=None) -> np.ndarray:
-        return self._embed(texts, self.text_states, self.model.text_embedding, progress)
+        return self._embed(texts, self.text_states, self.model.joint.text, progress)
 
     def embed_videos(self, video_ids: list[str], progress=None) -> np.ndarray:
-        return self._embed(video_ids, self.video_states, self.model.video_embedding, progress)
+        return self._embed(video_ids, self.video_states, self.model.joint.video, progress)
 
     @torch.inference_mode()
     def align_scores(self, texts: list[str], video_ids: list[str]) -> np.ndarray:
         """Cross-encoder alignment score of each (text, video) pair.
 
         Re-ranking sends each query with its K candidates, so within a batch every
-        distinct text and video is encoded once and its states repeated per pair.
+        distinct text and video is read once and paired by index (``model.pair_pooled``:
+        a two-stream model encodes each once, a single-stream one runs every pair).
         """
         out = []
         for a in range(0, len(texts), self.batch_size):
             t_uniq, t_idx = np.unique(np.asarray(texts[a : a + self.batch_size], dtype=object), return_inverse=True)
             v_uniq, v_idx = np.unique(np.asarray(video_ids[a : a + self.batch_size], dtype=object),
                                       return_inverse=True)
-            th, tm = self.text_states(list(t_uniq))
-            vh, vm = self.video_states(list(v_uniq))
-            t_idx, v_idx = torch.as_tensor(t_idx, device=th.device), torch.as_tensor(v_idx, device=vh.device)
-            ct, _ = self.model.cross(th[t_idx], tm[t_idx], vh[v_idx], vm[v_idx])
-            out.append(self.model.align_score(ct[:, 0]).float().cpu().numpy())
+            ids, tm = tokenize(self.tokenizer, list(t_uniq), self.max_text_len)
+            video, vm, toks = read_video_batch(self.store, list(v_uniq), self.max_frames, self.tokens)
+            inputs = {"text_ids": ids, "text_mask": tm, "video": video, "video_mask": vm}
+            if toks is not None:
+                inputs["video_tokens"] = toks
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            pooled = self.model.pair_pooled(inputs, torch.as_tensor(t_idx, device=self.device),
+                                            torch.as_tensor(v_idx, device=self.device))
+            out.append(self.model.align_score(pooled).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)

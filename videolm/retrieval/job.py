@@ -52,7 +52,7 @@ def split_entries(manifest: Path, split: str):
 
 def evaluate_model(model, tokenizer, store: FeatureStore, qs: QuerySet, cfg: EvalConfig,
                    progress: bool = False) -> tuple[dict, dict, dict]:
-    """(report part, results, timing) for a ``VideoTextModel`` on prepared queries."""
+    """(report part, results, timing) for a model on prepared queries."""
     enc = PairEncoder(model, tokenizer, store, cfg.batch_size, cfg.device)
     t0 = time.perf_counter()
     bar = _progress(len(qs.texts) + len(qs.video_ids), "encode", progress)
@@ -143,7 +143,7 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
              untrained: bool = False) -> dict:
     """Evaluate a checkpoint (or, with ``untrained``, its architecture at initialisation) and write outputs."""
     from ..pretrain.checkpoint import latest_checkpoint, load_pretrained
-    from ..model.video_text import VideoTextModel
+    from ..model.video_text import build_model
 
     model, tokenizer, run_cfg = load_pretrained(checkpoint, cfg.device)
     ckpt = latest_checkpoint(checkpoint)
@@ -155,7 +155,7 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
     if untrained:
         # Same architecture and code path, weights as a new run starts (text encoder from text_init).
         torch.manual_seed(cfg.seed)
-        model = VideoTextModel(run_cfg.model).to(cfg.device).eval()
+        model = build_model(run_cfg.model).to(cfg.device).eval()
         about = {"model": {"kind": "untrained", "architecture_of": str(ckpt), "init_seed": cfg.seed}}
     store = FeatureStore(features)
     try:
