@@ -108,3 +108,34 @@ def test_examples_carry_visual_words_of_quantised_features(tmp_path):
     ds = VideoTextDataset(store, [VideoEntry("v1", "x", "train", captions=(Caption(2, 5, "a"),))], DataConfig())
     ex = ds[0]
     np.testing.assert_array_equal(ex["tokens"], store.get("v1").tokens[2:5])
+
+
+def _owner_naive(starts, ends, times):
+    out = []
+    for cs, ce in zip(starts, ends):
+        best, best_iou = -1, 0.0
+        for j, (s, e) in enumerate(times):
+            inter = max(0.0, min(ce, e) - max(cs, s))
+            union = max(ce, e) - min(cs, s)
+            iou = inter / union if union > 0 else 0.0
+            if iou > best_iou:  # strictly larger: ties keep the earlier subtitle
+                best, best_iou = j, iou
+        out.append(best)
+    return out
+
+
+def test_clip_owner_is_the_subtitle_with_the_largest_iou():
+    from videolm.pretrain.collate import clip_owner
+
+    times = np.array([[0.5, 2.0], [1.8, 3.5], [5.5, 9.0]])
+    # clip 1: IoU 1/1.5 with the first, 0.2/2.5 with the second; clip 4 overlaps none
+    assert clip_owner(STARTS, ENDS, times).tolist() == [0, 0, 1, 1, -1, 2]
+    assert clip_owner(STARTS, ENDS, np.zeros((0, 2))).tolist() == [-1] * 6
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, m = int(rng.integers(1, 12)), int(rng.integers(0, 6))
+        starts = np.sort(rng.uniform(0, 20, n))
+        ends = starts + rng.uniform(0.1, 3, n)
+        s = rng.uniform(0, 20, m)
+        subs = np.stack([s, s + rng.uniform(0, 5, m)], 1) if m else np.zeros((0, 2))
+        assert clip_owner(starts, ends, subs).tolist() == _owner_naive(starts, ends, subs)

@@ -363,8 +363,11 @@ def test_only_the_listed_parts_are_built():
     decoder = tiny(parts=["decoder"])  # YAML gives lists
     assert decoder.parts == {"cross", "decoder"} and decoder.cfg.parts == ("decoder",)
     # each architecture's own levels are always there; parts it has no place for are not built
-    assert tiny("hierarchical", parts=("align", "decoder")).parts == {"cross", "temporal"}
-    assert tiny("single_stream", parts=()).parts == {"cross"}
+    assert tiny("hierarchical", parts=("align", "decoder")).parts == {"temporal"}
+    assert tiny("hierarchical", parts=("cross",)).parts == {"cross", "temporal"}
+    assert tiny("single_stream", parts=()).parts == frozenset()
+    with pytest.raises(ValueError, match="'cross' part"):  # joint alone builds no joint sequence
+        tiny("single_stream", parts=())(inputs())
     with pytest.raises(ConfigError, match="unknown part"):
         ModelConfig(parts=("mlm_head",))
     with pytest.raises(ConfigError, match="architecture"):

@@ -63,8 +63,10 @@ def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("train_data"))
 
 
-def tiny(objectives, mixing="sum", extra=(), stages=None):
-    raw = {"data": {"mode": "video"}, "train": {"max_steps": 4, "checkpoint_every": 2}}
+def tiny(objectives, mixing="sum", extra=(), stages=None, architecture="two_stream"):
+    # the architecture goes in before the recipe is read: objectives are checked against it then
+    raw = {"data": {"mode": "video"}, "train": {"max_steps": 4, "checkpoint_every": 2},
+           "model": {"architecture": architecture}}
     if stages:
         raw["stages"] = stages
     else:
@@ -116,7 +118,7 @@ def test_every_recipe_loads_and_runs_two_steps(data, tmp_path):
 
 def test_run_writes_checkpoints_metrics_and_plots(data, tmp_path):
     features, manifest = data
-    cfg = tiny({"joint": {}, "mlm": {}, "fom": {}, "vsm": {}}, extra=["keep_checkpoints=1"])
+    cfg = tiny({"joint": {}, "mlm": {}, "fom": {}, "vsm": {}}, extra=["keep_checkpoints=1"], architecture="hierarchical")
     run = tmp_path / "run"
     summary = run_pretrain(cfg, features, manifest, run, progress=False)
     ckpts = sorted((run / "checkpoints").glob("step_*"))
@@ -158,7 +160,7 @@ def test_resume_after_interrupt_gives_the_same_losses(data, tmp_path, monkeypatc
     features, manifest = data
     # sampled tasks, dropout, masks and shuffles all draw random numbers: all must replay identically
     cfg = tiny({"mlm": {"ratio": 2}, "mfm_nce": {}, "fom": {}, "vsm": {}, "joint": {}}, mixing="sample",
-               extra=["max_steps=6", "checkpoint_every=3", "num_workers=1"])
+               extra=["max_steps=6", "checkpoint_every=3", "num_workers=1"], architecture="hierarchical")
     full = tmp_path / "full"
     run_pretrain(cfg, features, manifest, full, progress=False)
 
@@ -249,11 +251,15 @@ def test_resume_on_features_of_another_size_is_refused(data, tmp_path):
 def test_bf16_autocast_runs_every_objective(data, tmp_path):
     """Autocast hands back bf16 from matmuls; objectives must not mix that with float32-only constants."""
     features, manifest = data
-    every = {name: {} for name in ("mlm", "mvm", "mfm_nce", "mfm_reg", "fom", "vsm", "joint", "align", "caption")}
-    cfg = tiny(every, extra=["precision=bf16", "max_steps=1"])
-    run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
-    (record,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert all(np.isfinite(record[f"{name}_loss"]) for name in every)
+    from videolm.model.video_text import ARCHITECTURES
+    from videolm.pretrain.objectives import OBJECTIVES
+
+    for arch in ARCHITECTURES:  # every objective, on every architecture it runs on
+        every = {name: {} for name, cls in OBJECTIVES.items() if arch in cls.architectures}
+        cfg = tiny(every, extra=["precision=bf16", "max_steps=1"], architecture=arch)
+        run_pretrain(cfg, features, manifest, tmp_path / arch, progress=False)
+        (record,) = read_metrics(tmp_path / arch / "metrics.jsonl")
+        assert all(np.isfinite(record[f"{name}_loss"]) for name in every), (arch, record)
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         run_pretrain(apply_overrides(cfg, ["precision=fp16"]), features, manifest, tmp_path / "fp16", progress=False)
 
@@ -338,7 +344,7 @@ def _joint_setup():
     import torch
 
     from videolm.pretrain.collate import Collator
-    from videolm.model.video_text import ModelConfig, VideoTextModel
+    from videolm.model.video_text import ModelConfig, build_model
     from videolm.pretrain.objectives import JointContrastive, TextVocab
     from videolm.model.text import load_tokenizer
 
@@ -346,7 +352,7 @@ def _joint_setup():
     torch.manual_seed(0)
     tok = load_tokenizer(None)
     cfg = ModelConfig(**{**TINY_MODEL, "dropout": 0.0, "feature_dim": 8})
-    model = VideoTextModel(cfg)
+    model = build_model(cfg)
     rng = np.random.default_rng(0)
     examples = [{"video_id": f"v{i % 5}", "features": rng.normal(size=(4 + i, 8)).astype(np.float32), "tokens": None,
                  "texts": [" ".join(rng.choice(WORDS, 3))], "text_spans": np.array([[0, 3]])}
@@ -384,7 +390,7 @@ def test_gathered_negatives_give_the_full_batch_gradient(tmp_path):
     model, objective, batch = _joint_setup()
     _runner(model, objective)(batch, ["joint"], torch.Generator().manual_seed(0))["joint"]["joint_loss"].backward()
     single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert ddp.keys() == single.keys() and "logit_scale" in single
+    assert ddp.keys() == single.keys() and "joint.logit_scale" in single
     for name in single:
         # float32 sums in another order: |diff| stays ~1e-7 of the largest gradient (a missing gather is O(1))
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=2e-5, msg=name)
@@ -420,33 +426,40 @@ def _unused_after_each_stage(run) -> list[set[str]]:
     return unused
 
 
-RECIPES_BY_NEED = [  # (objectives, mixing, stages): each is built, stepped and checked
-    ({"joint": {}}, "sum", None),
-    ({"joint": {}, "mlm": {}, "mfm_nce": {}, "align": {}, "caption": {}}, "sum", None),
-    ({"joint": {}, "fom": {}, "vsm": {}, "mfm_reg": {}, "mvm": {}}, "sum", None),
-    ({"mlm": {}, "align": {}}, "sum", None),
-    ({"joint": {}, "mlm": {"weight": 0}}, "sum", None),
-    ({"joint": {}, "mlm": {}}, "sample", None),
+RECIPES_BY_NEED = [  # (objectives, mixing, stages, architecture): each is built, stepped and checked
+    ({"joint": {}}, "sum", None, "two_stream"),
+    ({"joint": {}, "mlm": {}, "mfm_nce": {}, "align": {}, "caption": {}}, "sum", None, "two_stream"),
+    ({"joint": {}, "mfm_reg": {}, "mvm": {}}, "sum", None, "two_stream"),
+    ({"mlm": {}, "align": {}}, "sum", None, "two_stream"),
+    ({"joint": {}, "mlm": {"weight": 0}}, "sum", None, "two_stream"),
+    ({"joint": {}, "mlm": {}}, "sample", None, "two_stream"),
     (None, None, [{"fraction": 0.5, "objectives": {"joint": {}}},
-                  {"fraction": 0.5, "objectives": {"joint": {}, "caption": {}}}]),
+                  {"fraction": 0.5, "objectives": {"joint": {}, "caption": {}}}], "two_stream"),
+    ({"joint": {}, "fom": {}, "vsm": {}, "mfm_reg": {}, "mvm": {}}, "sum", None, "hierarchical"),
+    ({"joint": {}, "mlm": {}}, "sum", None, "hierarchical"),
+    ({"joint": {}}, "sum", None, "hierarchical"),
+    ({"mlm": {}, "mfm_nce": {}, "fom": {}, "vsm": {}}, "sample", None, "hierarchical"),
+    ({"mlm": {}, "mvm": {}, "align": {}}, "sum", None, "single_stream"),
+    ({"joint": {}, "mlm": {}}, "sum", None, "single_stream"),
+    ({"joint": {}}, "sum", None, "single_stream"),
 ]
 
 
-@pytest.mark.parametrize("objectives,mixing,stages", RECIPES_BY_NEED)
+@pytest.mark.parametrize("objectives,mixing,stages,architecture", RECIPES_BY_NEED)
 def test_only_what_the_objectives_use_is_built_and_ddp_is_told_when_something_rests(data, objectives, mixing,
-                                                                                   stages):
+                                                                                   stages, architecture):
     from videolm.features.shards import FeatureStore
     from videolm.manifests.manifest import load_manifest
     from videolm.pretrain.run import build_run, leaves_parameters_unused
 
     features, manifest = data
-    cfg = tiny(objectives, mixing or "sum", stages=stages)
+    cfg = tiny(objectives, mixing or "sum", stages=stages, architecture=architecture)
     run = build_run(cfg, FeatureStore(features), load_manifest(manifest, "train"), "cpu")
     unused = _unused_after_each_stage(run)
     # A parameter no step of the recipe ever trains must not exist at all, except the joint
     # space (kept so that any checkpoint can be scored on retrieval).
-    joint_space = {"model.text_proj.weight", "model.text_proj.bias", "model.video_proj.weight",
-                   "model.video_proj.bias", "model.logit_scale"}
+    joint_space = {"model.joint.text_proj.weight", "model.joint.text_proj.bias", "model.joint.video_proj.weight",
+                   "model.joint.video_proj.bias", "model.joint.logit_scale"}
     never_used = set.intersection(*unused)
     assert never_used == (set() if "joint" in run.cfg.objective_names else joint_space), never_used
     # DDP's find_unused_parameters exactly when some step leaves something without a gradient.
@@ -454,7 +467,8 @@ def test_only_what_the_objectives_use_is_built_and_ddp_is_told_when_something_re
     names = set(run.cfg.objective_names)  # switched-off objectives (weight 0) are not built
     with_heads = {n.split(".")[0].split(":")[1] for n, _ in run.objectives.named_parameters()}  # "0:mlm.bias"
     assert with_heads == names & {"mlm", "mvm", "mfm_nce", "mfm_reg", "fom", "vsm"}
-    assert ("cross" in run.model.parts) == bool(names - {"joint"})
+    if architecture == "two_stream":
+        assert ("cross" in run.model.parts) == bool(names - {"joint"})
 
 
 def test_checkpoints_of_the_old_layout_fail_with_a_clear_error(data, tmp_path):
@@ -472,7 +486,7 @@ def test_checkpoints_of_the_old_layout_fail_with_a_clear_error(data, tmp_path):
     state = torch.load(ckpt / "model.pt", weights_only=True)
     assert not any(k.startswith(("mlm", "mvm", "mfm", "fom", "vsm")) for k in state)
     torch.save({**state, "mlm_transform.0.weight": torch.zeros(32, 32)}, ckpt / "model.pt")  # as 0.1 wrote it
-    with pytest.raises(ConfigError, match="do not fit the model.*before videolm 0.2"):
+    with pytest.raises(ConfigError, match="do not fit the model.*before videolm 0.3"):
         load_pretrained(tmp_path / "run")
     torch.save(state, ckpt / "model.pt")
     with pytest.raises(ConfigError, match=r"model.parts: \('cross',\) -> \('cross', 'decoder'\)"):

@@ -208,8 +208,8 @@ def test_trainer_state_holding_pickled_objects_is_refused(data, tmp_path):
 def pretrain_cmd(tmp_path: Path, data, run: Path, max_steps: int, extra=()) -> list[str]:
     features, manifest = data
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("data: {mode: video}\nobjectives:\n  mlm: {ratio: 2}\n  mfm_nce: {}\n  fom: {}\n  vsm: {}\n"
-                      "  joint: {}\nmixing: sample\n")
+    recipe.write_text("data: {mode: video}\nmodel: {architecture: hierarchical}\nobjectives:\n  mlm: {ratio: 2}\n"
+                      "  mfm_nce: {}\n  fom: {}\n  vsm: {}\n  joint: {}\nmixing: sample\n")
     return [sys.executable, "-m", "videolm.cli", "pretrain", "--config", str(recipe), "--features", str(features),
             "--manifest", str(manifest), "--out", str(run), "--quiet", "--resume", *TINY_OVERRIDES,
             f"max_steps={max_steps}", "checkpoint_every=1", "keep_checkpoints=2", *extra]

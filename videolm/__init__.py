@@ -1,3 +1,3 @@
 """videolm: one pipeline from raw videos to a text-to-video retrieval score."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -436,36 +436,27 @@ def _cmd_import(args) -> int:
 
 
 def _add_import_checkpoint(sub):
-    p = sub.add_parser(
-        "import-checkpoint", help="turn a released model checkpoint (UniVL) into a videolm run directory",
-        description="Read a released checkpoint with torch.load(weights_only=True), map every tensor onto "
-                    "videolm's model of the same layout, and write a run directory that eval-retrieval scores "
-                    "and `pretrain --init-from` trains on (docs/models.md). Unknown or missing keys are an error.",
-    )
+    p = sub.add_parser("import-checkpoint", help="turn a released checkpoint (UniVL) into a videolm run directory",
+                       description="Map every tensor of a released checkpoint (loaded weights-only) onto videolm's "
+                                   "model of the same layout; unknown or missing keys are errors (docs/models.md).")
     p.add_argument("source", choices=["univl"], help="whose checkpoint: univl (microsoft/UniVL univl.pretrained.bin)")
     p.add_argument("path", help="the checkpoint file")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--tokenizer", help="local directory with the WordPiece vocabulary the checkpoint was trained "
-                                       "with (UniVL: bert-base-uncased; default: the bundled MiniLM's, the same vocab)")
-    p.add_argument("--max-words", type=int, default=48, help="text length UniVL was trained with (its max_words; "
-                                                             "pretraining used 48); clips sit after it in the cross encoder")
+    p.add_argument("--tokenizer", help="local WordPiece vocabulary directory it was trained with (default: the "
+                                       "bundled MiniLM's, which is bert-base-uncased's, UniVL's)")
+    p.add_argument("--max-words", type=int, default=48, help="UniVL's max_words at training (pretraining: 48)")
     p.add_argument("--max-frames", type=int, default=64, help="most clips the model reads (UniVL pretraining: 64)")
-    p.add_argument("--heads", type=int, help="attention heads per layer (not stored in the weights; default hidden/64)")
+    p.add_argument("--heads", type=int, help="attention heads per layer (not in the weights; default hidden/64)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=_cmd_import_checkpoint)
 
 
 def _cmd_import_checkpoint(args) -> int:
-    from .pretrain.import_checkpoint import import_univl
+    from .pretrain.import_checkpoint import import_univl, summary_lines
 
-    s = import_univl(args.path, args.out, args.tokenizer, args.max_words, args.max_frames, args.heads, args.overwrite)
-    z = s["sizes"]
-    print(f"import-checkpoint: {s['tensors_read']} tensors from {s['file']} -> {s['checkpoint']}")
-    print(f"import-checkpoint: two_stream, hidden {z['hidden']}, text/visual/cross/decoder layers "
-          f"{z['text_layers']}/{z['video_layers']}/{z['cross_layers']}/{z['decoder_layers']}, "
-          f"{z['feature_dim']}-d clip features, {s['seconds']:.1f} s")
-    for note in s["notes"]:
-        print(f"import-checkpoint: {note}")
+    summary = import_univl(args.path, args.out, args.tokenizer, args.max_words, args.max_frames, args.heads,
+                           args.overwrite)
+    print("\n".join(summary_lines(summary)))
     return 0
 
 
@@ -509,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"videolm {args.command}: stopped by SIGTERM; re-run with --resume to continue", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        if args.command in ("import", "eval-retrieval", "compare-runs"):  # all-or-nothing outputs
+        if args.command in ("import", "import-checkpoint", "eval-retrieval", "compare-runs"):  # all-or-nothing
             print(f"videolm {args.command}: interrupted; nothing was written, re-run the command", file=sys.stderr)
         else:
             print(f"videolm {args.command}: interrupted; completed work is kept, re-run the same command "

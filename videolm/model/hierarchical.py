@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from .bert_layers import LN_EPS, BertStack, InputEmbeddings, attention_mask
 from .layers import init_weights
 from .text import build_text_encoder
-from .video_text import JointSpace, ModelConfig, VideoTextOutput, check_inputs
+from .video_text import JointSpace, ModelConfig, VideoTextOutput, check_inputs, need_part
 
 
 class HierarchicalModel(nn.Module):
@@ -41,7 +41,8 @@ class HierarchicalModel(nn.Module):
         self.text = build_text_encoder(cfg.text_init, H, cfg.text_layers, cfg.heads, cfg.max_text_len, cfg.dropout)
         if self.text.config.type_vocab_size < 2:
             raise ConfigError("hierarchical needs a BERT with 2 token types (subtitle and clip)")
-        self.frame_embed = InputEmbeddings(self._clip_input(), cfg.max_frames, H, cfg.dropout)
+        if "cross" in self.parts:  # the local level's clip input; joint alone runs the global level only
+            self.frame_embed = InputEmbeddings(self._clip_input(), cfg.max_frames, H, cfg.dropout)
         self.frame_transform = nn.Sequential(self._clip_input(), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.temporal_embed = InputEmbeddings(None, cfg.max_frames, H, cfg.dropout)
         self.temporal_encoder = BertStack(cfg.temporal_layers, H, cfg.heads, cfg.ffn_mult, cfg.dropout)
@@ -111,6 +112,7 @@ class HierarchicalModel(nn.Module):
                 ) -> VideoTextOutput:
         """Both levels; ``local_only`` stops after the local one (mlm), ``clip_order`` (B, T) puts clip
         ``clip_order[b, t]`` at global position t (fom)."""
+        need_part(self, "cross", "the local (cross-modal) level")
         clips = self._clips(inputs.get("video"), inputs.get("video_tokens"))
         text_out, local_clips = self._local(inputs, clips)
         if local_only:

@@ -50,8 +50,9 @@ class SingleStreamModel(nn.Module):
             self.visual_words = nn.Embedding(cfg.visual_vocab, H)
         else:
             self.visual_words = nn.Linear(cfg.feature_dim, H)
-        # the video block's closing [SEP]: one more row of the extended vocabulary
-        self.video_sep = nn.Parameter(torch.randn(H) * 0.02)
+        if "cross" in self.parts:  # the joint sequence; joint alone reads each side alone and needs none of it
+            # the video block's closing [SEP]: one more row of the extended vocabulary
+            self.video_sep = nn.Parameter(torch.randn(H) * 0.02)
         self.joint = JointSpace(H, cfg.embed_dim)
         if "align" in self.parts:
             self.align_pooler = Pooler(H)
@@ -108,6 +109,7 @@ class SingleStreamModel(nn.Module):
 
     # ------------------------------------------------------------------ the joint sequence
     def forward(self, inputs: dict, **_levels) -> VideoTextOutput:
+        need_part(self, "cross", "the joint sequence")
         ids, tm, vm = inputs["text_ids"], inputs["text_mask"], inputs["video_mask"]
         y = self._run(*self._sequence(ids, tm, vm, inputs.get("video"), inputs.get("video_tokens")))
         L, T = ids.shape[1], vm.shape[1]

@@ -7,8 +7,9 @@
 * joint space: mean-pooled text (after [CLS]) and clip states (``JointSpace``);
   ``embed_dim: 0`` scores them unprojected, as UniVL does;
 * ``cross``: ``[text; video]`` plus positions and type embeddings, LayerNorm, BERT
-  layers (UniVL: 2), and a pooler (dense + tanh at the text's [CLS]);
-* ``align``: a Linear on the pooled state (UniVL's ``similarity_dense``);
+  layers (UniVL: 2);
+* ``align``: the cross pooler (dense + tanh at the text's [CLS]) and a Linear on it
+  (UniVL's ``similarity_dense``);
 * ``decoder``: BERT decoder layers (self-attention, attention to the cross
   encoder's output, feed-forward; UniVL: 3), input embeddings shared with the text
   encoder's word and position tables under their own LayerNorm, output through
@@ -51,8 +52,8 @@ class TwoStreamModel(nn.Module):
         if "cross" in self.parts:
             self.cross_embed = InputEmbeddings(None, cfg.max_text_len + cfg.max_frames, H, cfg.dropout, types=2)
             self.cross_encoder = self._stack(cfg.cross_layers)
+        if "align" in self.parts:  # UniVL's cross pooler feeds only its pair score
             self.cross_pooler = Pooler(H)
-        if "align" in self.parts:
             self.align_head = nn.Linear(H, 1)
         if "decoder" in self.parts:
             self.decoder_norm = nn.LayerNorm(H, eps=LN_EPS)
@@ -88,8 +89,8 @@ class TwoStreamModel(nn.Module):
         return self.video_encoder(self.video_embed(x), mask)
 
     # ------------------------------------------------------------------ cross-modal
-    def cross(self, text_h, text_mask, video_h, video_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(text states, clip states, pooled) of the cross encoder over the two sides' states."""
+    def cross(self, text_h, text_mask, video_h, video_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text states, clip states, pooled) of the cross encoder over the two sides' states (pooled: with align)."""
         need_part(self, "cross", "the cross encoder")
         L, T = text_h.shape[1], video_h.shape[1]
         dev = text_h.device
@@ -97,7 +98,7 @@ class TwoStreamModel(nn.Module):
         types = torch.cat([torch.zeros(L, dtype=torch.long, device=dev), torch.ones(T, dtype=torch.long, device=dev)])
         x = self.cross_embed(torch.cat([text_h, video_h], 1), positions[None], types[None])
         y = self.cross_encoder(x, torch.cat([text_mask, video_mask], 1))
-        return y[:, :L], y[:, L:], self.cross_pooler(y)
+        return y[:, :L], y[:, L:], (self.cross_pooler(y) if "align" in self.parts else None)
 
     def forward(self, inputs: dict, **_levels) -> VideoTextOutput:
         tm, vm = inputs["text_mask"], inputs["video_mask"]
@@ -108,6 +109,7 @@ class TwoStreamModel(nn.Module):
 
     def pair_pooled(self, inputs: dict, text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
         """Pooled cross states of the pairs (text ``text_idx[i]``, video ``video_idx[i]``); each side encoded once."""
+        need_part(self, "align", "pair scores")
         tm, vm = inputs["text_mask"], inputs["video_mask"]
         text_h = self.encode_text(inputs["text_ids"], tm)
         video_h = self.encode_video(vm, inputs.get("video"), inputs.get("video_tokens"))

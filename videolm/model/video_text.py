@@ -40,8 +40,11 @@ ARCHITECTURES = ("two_stream", "single_stream", "hierarchical")
 VIDEO_INPUTS = ("features", "tokens")
 KNOWN_PARTS = ("cross", "align", "temporal", "decoder")
 # the optional parts each architecture can leave out; the others are what the architecture *is*
-ARCHITECTURE_PARTS = {"two_stream": ("cross", "align", "decoder"), "single_stream": ("align",), "hierarchical": ()}
-INTRINSIC_PARTS = {"two_stream": (), "single_stream": ("cross",), "hierarchical": ("cross", "temporal")}
+# ``cross`` is each architecture's cross-modal pass (the cross encoder; the joint sequence's [SEP] row;
+# HERO's local level): a recipe of ``joint`` alone, which reads each side alone, builds none
+ARCHITECTURE_PARTS = {"two_stream": ("cross", "align", "decoder"), "single_stream": ("cross", "align"),
+                      "hierarchical": ("cross",)}
+INTRINSIC_PARTS = {"two_stream": (), "single_stream": (), "hierarchical": ("temporal",)}
 PART_NEEDS = {"align": "cross", "decoder": "cross"}  # each reads the cross encoder's output
 
 

@@ -25,9 +25,9 @@ holds only tensors, numbers, strings and containers (RNG states included), so a
 checkpoint from elsewhere cannot run code when it is resumed. The fault-injection
 tests behind this are described in docs/reliability.md.
 
-Checkpoints written before videolm 0.2 kept the objectives' heads inside
-``model.pt`` and built every part whatever the recipe; they do not load (a clear
-error says so).
+Checkpoints written before videolm 0.3 used videolm's own pre-LN layers (before
+0.2 they also kept the objectives' heads inside ``model.pt``); they do not load (a
+clear error says so). A run written by ``import-checkpoint`` has no ``trainer.pt``.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ def load_into(model, state: dict, ckpt: Path) -> None:
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
         raise ConfigError(f"{ckpt}: the weights do not fit the model its config.yaml describes ({detail}). "
-                          f"Checkpoints written before videolm 0.2 (heads inside model.pt) do not load in "
+                          f"Checkpoints written before videolm 0.3 (videolm's own pre-LN layers; before 0.2 also "
+                          f"heads inside model.pt) do not load in "
                           f"videolm {__version__}; retrain, or evaluate with the version that wrote it") from None
 
 

@@ -142,6 +142,15 @@ def _write_run(tmp: Path, out: Path, model_state: dict, mlm_state: dict, report:
             "videolm": __version__}
 
 
+def summary_lines(s: dict) -> list[str]:
+    z = s["sizes"]
+    return [f"import-checkpoint: {s['tensors_read']} tensors from {s['file']} -> {s['checkpoint']}",
+            f"import-checkpoint: two_stream, hidden {z['hidden']}, text/visual/cross/decoder layers "
+            f"{z['text_layers']}/{z['video_layers']}/{z['cross_layers']}/{z['decoder_layers']}, "
+            f"{z['feature_dim']}-d clip features, {s['seconds']:.1f} s",
+            *(f"import-checkpoint: {note}" for note in s["notes"])]
+
+
 def _parts(sizes: dict) -> tuple[str, ...]:
     parts = ["cross", "align"] if sizes["cross_layers"] else []
     return tuple(parts + (["decoder"] if sizes["decoder_layers"] else []))

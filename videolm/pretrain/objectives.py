@@ -23,75 +23,17 @@ other's negatives: in segment mode two captions of one video often share a batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .distributed import gather_keys, gather_with_grad
-from ..model.inputs import VISUAL_MASK_ID
+from .masking import (IGNORE, TextVocab, uniform, hide_clips, hide_whole_texts, same_video, sample_mask,
+                      shuffle_clips)
 from ..model.bert_layers import prediction_transform
 from ..model.layers import init_weights, masked_mean, mlp_head
 from ..model.video_text import ARCHITECTURES
-
-IGNORE = -100
-
-
-@dataclass(frozen=True)
-class TextVocab:
-    """The tokenizer facts objectives need (special ids are excluded from masking)."""
-
-    size: int
-    pad: int
-    cls: int
-    sep: int
-    mask: int
-
-    @classmethod
-    def from_tokenizer(cls, tok) -> "TextVocab":
-        return cls(tok.vocab_size, tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id)
-
-
-def _rand(shape, gen, device) -> torch.Tensor:
-    return torch.rand(shape, generator=gen).to(device)
-
-
-def sample_mask(valid: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
-    """Bernoulli(prob) over ``valid`` positions, with at least one position chosen per batch."""
-    chosen = (_rand(valid.shape, gen, valid.device) < prob) & valid
-    if not chosen.any() and valid.any():
-        flat = valid.flatten().nonzero().squeeze(1)
-        pick = flat[torch.randint(len(flat), (1,), generator=gen).item()]
-        chosen.view(-1)[pick] = True
-    return chosen
-
-
-def same_video(batch: dict, keys: torch.Tensor | None = None) -> torch.Tensor:
-    k = batch["video_key"] if keys is None else keys
-    return k[:, None] == k[None, :]
-
-
-def hide_clips(batch: dict, chosen: torch.Tensor) -> dict:
-    """The batch with ``chosen`` clips hidden: features zeroed, visual words -> [MASK]."""
-    out = {**batch, "video": batch["video"].masked_fill(chosen.unsqueeze(-1), 0.0)}
-    if batch.get("video_tokens") is not None:
-        out["video_tokens"] = batch["video_tokens"].masked_fill(chosen, VISUAL_MASK_ID)
-    return out
-
-
-def hide_whole_texts(model, batch: dict, prob: float, vocab: "TextVocab", gen) -> dict:
-    """UniVL's EnhancedV: with probability ``prob`` per example, every word of its text becomes [MASK]
-    ([CLS], [SEP] and padding stay), so the video side alone must carry what the objective predicts."""
-    if prob <= 0:
-        return batch
-    key = model.text_input
-    ids, mask = batch[f"{key}_ids"], batch[f"{key}_mask"]
-    whole = _rand(ids.shape[:1], gen, ids.device) < prob
-    words = mask & (ids != vocab.cls) & (ids != vocab.sep) & (ids != vocab.pad)
-    hidden = words & whole.view(-1, *[1] * (ids.dim() - 1))
-    return {**batch, f"{key}_ids": ids.masked_fill(hidden, vocab.mask)}
 
 
 def masked_clip_states(model, batch: dict, mask_prob: float, gen, enhanced_v: float = 0.0,
@@ -133,7 +75,7 @@ class MaskedLanguageModelling(nn.Module):
         candidates = mask & (ids != v.cls) & (ids != v.sep) & (ids != v.pad)
         chosen = sample_mask(candidates, self.mask_prob, gen)
         labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
-        r = _rand(ids.shape, gen, ids.device)
+        r = uniform(ids.shape, gen, ids.device)
         random_ids = torch.randint(v.size, ids.shape, generator=gen).to(ids.device)
         out = torch.where(chosen & (r < 0.8), torch.full_like(ids, v.mask), ids)
         out = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, out)
@@ -234,29 +176,6 @@ class MaskedFrameRegression(nn.Module):
         return {"mfm_reg_loss": F.mse_loss(pred, batch["video"][chosen].float())}
 
 
-def shuffle_clips(valid: torch.Tensor, prob: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick ~``prob`` of each row's clips (at least 2 where a row has 2) and rotate them.
-
-    Returns ``order`` (B, T): the clip that lands at each position (identity
-    elsewhere), and ``moved`` (B, T): True at positions that received another
-    clip. Rotating the chosen set in random order moves every chosen clip, so
-    each target differs from the position it is predicted at.
-    """
-    B, T = valid.shape
-    order = torch.arange(T).repeat(B, 1)
-    moved = torch.zeros(B, T, dtype=torch.bool)
-    counts = valid.sum(1).cpu()
-    for b in range(B):
-        n = int(counts[b])
-        if n < 2:
-            continue
-        k = max(2, int(round(prob * n)))
-        pos = torch.randperm(n, generator=gen)[:k]  # valid positions come first in every row
-        order[b, pos] = pos.roll(1)
-        moved[b, pos] = True
-    return order.to(valid.device), moved.to(valid.device)
-
-
 class FrameOrderModelling(nn.Module):
     """HERO FOM: 15% of clip positions shuffled; each shuffled clip's original position classified.
 
@@ -265,7 +184,7 @@ class FrameOrderModelling(nn.Module):
     """
 
     name = "fom"
-    model_parts = ("temporal",)
+    model_parts = ("cross", "temporal")
     architectures = ("hierarchical",)
 
     def __init__(self, model, vocab: TextVocab, shuffle_prob: float = 0.15):
@@ -295,7 +214,7 @@ class VideoSubtitleMatching(nn.Module):
     """
 
     name = "vsm"
-    model_parts = ("temporal",)
+    model_parts = ("cross", "temporal")
     architectures = ("hierarchical",)
 
     def __init__(self, model, vocab: TextVocab, margin: float = 0.1, local_weight: float = 1.0,
@@ -309,7 +228,7 @@ class VideoSubtitleMatching(nn.Module):
         vm, valid, spans = batch["video_mask"], batch["sub_valid"] & (batch["sub_spans"][..., 0] >= 0), batch["sub_spans"]
         has = valid.any(1)
         # a random valid subtitle per example: argmax of random scores over valid ones
-        pick = torch.where(valid, _rand(valid.shape, gen, valid.device), torch.full_like(valid, -1.0, dtype=torch.float)).argmax(1)
+        pick = torch.where(valid, uniform(valid.shape, gen, valid.device), torch.full_like(valid, -1.0, dtype=torch.float)).argmax(1)
         rows = torch.arange(len(pick), device=pick.device)
         q_ids, q_mask = batch["sub_ids"][rows, pick], batch["sub_mask"][rows, pick]
         q = self.query(masked_mean(model.encode_text(q_ids, q_mask), q_mask)).float()
@@ -405,7 +324,7 @@ class VideoTextAlignment(nn.Module):
 
     def _pick(self, allowed: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
         k = min(self.negatives, allowed.shape[1])
-        r = torch.where(allowed, _rand(allowed.shape, gen, allowed.device), torch.full(allowed.shape, -1.0, device=allowed.device))
+        r = torch.where(allowed, uniform(allowed.shape, gen, allowed.device), torch.full(allowed.shape, -1.0, device=allowed.device))
         idx = r.topk(k, dim=1).indices
         return idx, allowed.gather(1, idx)
 
@@ -452,7 +371,7 @@ class CaptionReconstruction(nn.Module):
         ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
         v = self.vocab
         maskable = tm & (ids != v.cls) & (ids != v.sep)
-        hidden = (_rand(ids.shape, gen, ids.device) < self.input_mask_prob) & maskable
+        hidden = (uniform(ids.shape, gen, ids.device) < self.input_mask_prob) & maskable
         inputs = hide_whole_texts(model, {**batch, "text_ids": ids.masked_fill(hidden, v.mask)}, self.enhanced_v, v, gen)
         out = model(inputs)
         memory = torch.cat([out.cross_text, out.cross_video], 1)

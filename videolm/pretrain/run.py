@@ -261,8 +261,6 @@ def leaves_parameters_unused(cfg: PretrainConfig) -> bool:
     active = [o.name for o in cfg.stages[0].active]
     if cfg.stages[0].mixing == "sample" and len(active) > 1:
         return True
-    if cfg.model.architecture == "hierarchical":  # mlm runs the local level only, joint the global one only
-        return True
     return "joint" not in active
 
 
