@@ -496,3 +496,32 @@ def test_checkpoints_of_the_old_layout_fail_with_a_clear_error(data, tmp_path):
     with pytest.raises(ConfigError, match="no objectives.pt"):
         run_pretrain(apply_overrides(cfg, ["max_steps=3"]), features, manifest, tmp_path / "run", resume=True,
                      progress=False)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(data, tmp_path, caplog):
+    import torch
+
+    from videolm.features.shards import FeatureStore
+    from videolm.manifests.manifest import load_manifest
+    from videolm.pretrain.checkpoint import latest_checkpoint, load_model_state
+    from videolm.pretrain.run import build_run
+
+    features, manifest = data
+    run_pretrain(tiny({"joint": {}, "mlm": {}}, extra=["max_steps=2"]), features, manifest, tmp_path / "a",
+                 progress=False)
+    first = load_model_state(latest_checkpoint(tmp_path / "a"))
+    # a recipe that also needs the decoder, and asks for other model sizes (set aside, with a warning)
+    cfg = tiny({"joint": {}, "mlm": {}, "caption": {}},
+               extra=[f"train.init_from={tmp_path / 'a'}", "model.video_layers=3"])
+    with caplog.at_level("INFO", logger="videolm.pretrain.run"):
+        run = build_run(cfg, FeatureStore(features), load_manifest(manifest, "train"), "cpu")
+    assert run.start == 0 and run.cfg.model.video_layers == 1  # the checkpoint's model, from step 0
+    own = run.model.state_dict()
+    for k, v in first.items():
+        assert torch.equal(own[k], v), k
+    assert "recipe's model settings are set aside" in caplog.text and "video_layers: 3 -> 1" in caplog.text
+    assert "fresh (not in it): caption_bias" in caplog.text  # the decoder the first run never had
+    assert not run.optimizer.state  # a fresh optimiser
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        build_run(tiny({"joint": {}}, extra=[f"train.init_from={tmp_path / 'nothing'}"]), FeatureStore(features),
+                  load_manifest(manifest, "train"), "cpu")
