@@ -125,3 +125,63 @@ def test_raw_stream_without_timestamps_uses_the_nominal_rate(tmp_path):
             assert abs(x - 2 * k) <= 1
     with pytest.raises(DecodeError, match="decord cannot open"):
         decode_clips(path, SamplingSpec(), "decord")
+
+
+def stream_copy_cut(src, dst, start_s: float) -> int:
+    """What ``ffmpeg -ss T -i src -c copy dst`` (and clipping tools that cut without re-encoding) write.
+
+    The packets from the last keyframe at or before T are copied unchanged and shifted
+    so that T is time 0; the frames before T get negative times, and the mp4 muxer
+    covers them with an edit list (they stay in the file as references for the frames
+    after T). Returns how many packets the edit list hides.
+    """
+    import av
+
+    with av.open(str(src)) as inp:
+        stream = inp.streams.video[0]
+        cut = int(round(start_s / stream.time_base))
+        packets = [p for p in inp.demux(stream) if p.dts is not None]
+        key = max(p.pts for p in packets if p.is_keyframe and p.pts <= cut)
+        with av.open(str(dst), "w") as out:
+            copy = out.add_stream_from_template(stream)
+            hidden = 0
+            for p in packets:
+                if p.pts < key:
+                    continue
+                hidden += p.pts < cut
+                p.pts, p.dts, p.stream = p.pts - cut, p.dts - cut, copy
+                out.mux(p)
+    return hidden
+
+
+def _presented_frames(path):
+    """(times, rgb frames) as a plain PyAV decode presents them (ffmpeg applies the edit list)."""
+    import av
+
+    with av.open(str(path)) as c:
+        frames = [(float(f.pts * f.time_base), f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    return np.array([t for t, _ in frames]), [f for _, f in frames]
+
+
+@pytest.mark.parametrize("backend", ["av", "decord"])
+def test_edit_list_from_a_stream_copy_cut_is_honoured(tmp_path, backend):
+    # 4 s at 25 fps, one keyframe (x264 with B-frames), cut at 1.5 s: 38 frames stay in the file
+    # for reference only. Both backends used to reject it ("damaged timestamps: frames run to 4.0 s
+    # but the container declares 2.5 s").
+    src = write_test_video(tmp_path / "src.mp4", n_frames=100, fps=25)  # libx264 defaults: GOP 250, B-frames
+    cut = tmp_path / "cut.mp4"
+    hidden = stream_copy_cut(src, cut, 1.5)
+    assert hidden >= 30
+    times, frames = _presented_frames(cut)
+    assert len(times) == 100 - hidden and times[0] == 0.0
+
+    spec = SamplingSpec(fps=4, frames_per_clip=4, clip_stride=0.5, short_side=None, crop=None)
+    got = decode_clips(cut, spec, backend)
+    assert got.duration == pytest.approx(times[-1] + 0.04)
+    assert len(got.starts) == 4  # clips of 1 s every 0.5 s inside 2.5 s: starts 0, 0.5, 1.0, 1.5
+    for i, start in enumerate(got.starts):
+        for j in range(spec.frames_per_clip):
+            shown = int(np.searchsorted(times, start + j / spec.fps + 1e-9, side="right") - 1)
+            np.testing.assert_array_equal(got.frames[i, j], frames[shown])
+    # the uncut file still plans by its own, longer time line
+    assert len(decode_clips(src, spec, backend).starts) == 7

@@ -4,7 +4,11 @@ Two interchangeable backends, ``av`` (PyAV) and ``decord``, share one planner:
 
 1. read every frame's presentation time from the container (PyAV demuxes packets
    without decoding them; decord reads its frame index), relative to the first
-   frame, so a 19.62 fps or variable-frame-rate file keeps its real time line;
+   frame, so a 19.62 fps or variable-frame-rate file keeps its real time line.
+   Frames an mp4 edit list cuts (``ffmpeg -ss T -c copy`` keeps the GOP before T
+   and marks its frames discarded) are decoded for reference but not presented,
+   as ffmpeg does; decord indexes them as frames, so such files are read with
+   PyAV whichever backend was asked for;
 2. ``plan_clips`` turns those times into clips: clip ``i`` starts at
    ``i * clip_stride`` and samples ``frames_per_clip`` times ``1 / fps`` apart;
    each sample shows the frame on screen at that moment (the last frame whose
@@ -137,6 +141,7 @@ class _Probe:
     height: int
     time_base: float
     rate: float | None = None  # the stream's nominal frame rate, used only when frames have no timestamps
+    discarded: int = 0  # packets an edit list leaves out of the presented time line
 
 
 def _av_probe(path: str) -> _Probe:
@@ -151,11 +156,14 @@ def _av_probe(path: str) -> _Probe:
             raise DecodeError(path, "video stream has no frame size")
         tb = float(stream.time_base)
         rate = float(stream.guessed_rate or stream.average_rate or 0) or None
-        pts = []
+        pts, discarded = [], 0
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue  # the demuxer's end-of-stream flush packet
+                if packet.is_discard:  # before an edit list's start: decoded for reference, never shown
+                    discarded += 1
+                    continue
                 if packet.pts is None:
                     return _Probe(None, None, width, height, tb, rate)  # caller decodes for timestamps
                 pts.append(packet.pts)
@@ -171,8 +179,9 @@ def _av_probe(path: str) -> _Probe:
         raise DecodeError(path, "video stream has no frames" + (f" ({read_error})" if read_error else ""))
     pts_arr = np.unique(np.asarray(pts, dtype=np.int64))
     times = (pts_arr - pts_arr[0]) * tb
-    _check_declared_length(path, times, declared_frames, declared_seconds, read_error)
-    return _Probe(times, pts_arr, width, height, tb, rate)
+    # the header counts the edit list's discarded frames among its frames, not in its duration
+    _check_declared_length(path, times, declared_frames - discarded, declared_seconds, read_error)
+    return _Probe(times, pts_arr, width, height, tb, rate, discarded)
 
 
 def _check_declared_length(path: str, times: np.ndarray, declared_frames: int, declared_seconds: float,
@@ -230,11 +239,11 @@ def _iter_decoded(path: str, threads: int):
 
 
 class _AvBackend:
-    def __init__(self, path: str, spec: SamplingSpec, threads: int):
+    def __init__(self, path: str, spec: SamplingSpec, threads: int, probe: _Probe | None = None):
         from av.video.reformatter import VideoReformatter
 
         self.path, self.spec, self.threads = path, spec, threads
-        probe = _av_probe(path)
+        probe = probe or _av_probe(path)
         self.width, self.height, self.tb = probe.width, probe.height, probe.time_base
         self.by_count = False
         if probe.times is None:
@@ -333,14 +342,26 @@ def _fill(got: dict[int, np.ndarray], needed: np.ndarray, fallback: np.ndarray |
     return out
 
 
+def _open_decord(path: str, spec: SamplingSpec, threads: int):
+    """The decord backend, or PyAV's for a file with an edit list.
+
+    Probe with PyAV first: decord can spin forever or abort the process on files
+    that are not video at all or are cut short, so those are rejected before decord
+    sees them (demuxing without decoding is cheap). decord counts an edit list's
+    discarded frames as frames, with their (negative) times, while its decoder
+    delivers only the presented ones, so its frame numbers stop matching the
+    pictures: such files go to PyAV, which gives ffmpeg's presented frames.
+    """
+    probe = _av_probe(path)
+    if probe.discarded:
+        return _AvBackend(path, spec, threads, probe)
+    return _DecordBackend(path, spec, threads, probe)
+
+
 class _DecordBackend:
-    def __init__(self, path: str, spec: SamplingSpec, threads: int):
+    def __init__(self, path: str, spec: SamplingSpec, threads: int, probe: _Probe):
         import decord
 
-        # Probe with PyAV first: decord can spin forever or abort the process on files
-        # that are not video at all or are cut short, so those are rejected before
-        # decord sees them (demuxing without decoding is cheap).
-        probe = _av_probe(path)
         w, h = output_size(probe.width, probe.height, spec.short_side)
         try:
             self.reader = decord.VideoReader(path, width=w, height=h, num_threads=threads)
@@ -382,7 +403,7 @@ def iter_clips(
     if backend == "av":
         impl = _AvBackend(path, spec, threads)
     elif backend == "decord":
-        impl = _DecordBackend(path, spec, threads)
+        impl = _open_decord(path, spec, threads)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     plan = plan_clips(impl.times, spec)
