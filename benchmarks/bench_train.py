@@ -321,7 +321,7 @@ def timed_run(run, batches, warmup: int, steps: int, device: str) -> dict:
         waited_before, t0 = batches.waited, time.perf_counter()
         result = train_step(run, step, batches)
         _sync(device)
-        losses.append(result.values["loss"])
+        losses.append(float(result.values["loss"]))
         if step >= warmup:
             per_step.append({"data_s": batches.waited - waited_before, "step_s": time.perf_counter() - t0})
     wall = time.perf_counter() - t_start

@@ -525,3 +525,44 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(data, tmp_path, ca
     with pytest.raises(ConfigError, match="no checkpoint there"):
         build_run(tiny({"joint": {}}, extra=[f"train.init_from={tmp_path / 'nothing'}"]), FeatureStore(features),
                   load_manifest(manifest, "train"), "cpu")
+
+
+def test_a_step_reads_the_device_once_and_a_log_window_once(data, monkeypatch):
+    """Logged values stay on the device: one read per step (loss finite? gradient norm) in the trainer,
+    none per logged value in the objectives, one for a whole window of records."""
+    import traceback
+
+    import torch
+
+    from videolm.features.shards import FeatureStore
+    from videolm.manifests.manifest import load_manifest
+    from videolm.pretrain import trainer
+    from videolm.pretrain.run import build_run
+
+    features, manifest = data
+    objectives = {"joint": {}, "mlm": {}, "mfm_nce": {}, "align": {}, "caption": {}}
+    run = build_run(tiny(objectives, extra=["grad_accum=2"]), FeatureStore(features),
+                    load_manifest(manifest, "train"), "cpu")
+    batches = iter(run.make_loader(0))
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            reads.append((_name, Path(caller.filename).name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    results = [trainer.train_step(run, step, batches) for step in range(3)]
+    ours = [r for r in reads if r[1] in ("trainer.py", "objectives.py", "distributed.py")]
+    assert ours == [("tolist", "trainer.py")] * 3, ours  # 3 steps x 2 micro-batches x 5 objectives: 3 reads
+    logged = {k for k, v in results[0].values.items() if torch.is_tensor(v)}
+    assert {"loss", "mlm_loss", "mlm_acc", "joint_temperature", "align_acc"} <= logged
+    reads.clear()
+    window = trainer._LogWindow(run, trainer.MetricsLogger(Path("unused"), enabled=False), None, False)
+    for step, r in enumerate(results, 1):
+        window.values.update({k: window.values[k] + [v] for k, v in r.values.items()})
+    numbers = window._numbers()
+    assert [r for r in reads if r[1] == "trainer.py"] == [("tolist", "trainer.py")]
+    assert len(numbers["loss"]) == 3 and all(isinstance(x, float) for x in numbers["mlm_acc"])

@@ -94,15 +94,18 @@ def gather_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
     return gather_no_grad(keys), rank * len(keys)
 
 
-def all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
-    """Average logged numbers over ranks so rank 0's log describes the whole step."""
+def all_reduce_mean(values: dict, device) -> dict:
+    """Average logged values (0-dim tensors or numbers) over ranks so rank 0's log describes the whole step.
+
+    The result stays on the device: reading it is left to the logger, once per window.
+    """
     _, world = rank_and_world()
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+    return dict(zip(keys, t / world))
 
 
 def barrier() -> None:

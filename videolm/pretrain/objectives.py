@@ -2,9 +2,11 @@
 
 An objective is a small ``nn.Module``: ``objective(model, batch, gen)`` returns a
 dict whose ``*_loss`` entries are differentiable scalars (the trainer sums them,
-times the objective's weight) and whose other entries are detached numbers for
-the log. A head that only this objective uses (mlm's transform, mvm/mfm/fom's
-classifiers, vsm's query vectors) is the objective's own parameter, built from
+times the objective's weight) and whose other entries are detached values for
+the log: 0-dim tensors (or plain numbers), which the trainer reads off the device
+once per ``log_every`` steps rather than once per value. A head that only this
+objective uses (mlm's transform, mvm/mfm/fom's classifiers, vsm's query vectors)
+is the objective's own parameter, built from
 the model it will train, so a recipe without ``fom`` has no ``fom`` head. What
 downstream use needs (encoders, joint space, align score, caption decoder) is the
 model's. ``model_parts`` names the optional model parts an objective runs
@@ -88,7 +90,7 @@ class MaskedLanguageModelling(nn.Module):
         at = labels != IGNORE
         logits = self.logits(model, out.cross_text[at])
         loss = F.cross_entropy(logits.float(), labels[at])
-        return {"mlm_loss": loss, "mlm_acc": (logits.argmax(-1) == labels[at]).float().mean().item()}
+        return {"mlm_loss": loss, "mlm_acc": (logits.argmax(-1) == labels[at]).float().mean().detach()}
 
 
 class MaskedVisualWords(nn.Module):
@@ -111,7 +113,7 @@ class MaskedVisualWords(nn.Module):
         target = batch["video_tokens"][chosen]
         logits = self.head(states)
         loss = F.cross_entropy(logits.float(), target)
-        return {"mvm_loss": loss, "mvm_acc": (logits.argmax(-1) == target).float().mean().item()}
+        return {"mvm_loss": loss, "mvm_acc": (logits.argmax(-1) == target).float().mean().detach()}
 
 
 class MaskedFrameNCE(nn.Module):
@@ -147,7 +149,7 @@ class MaskedFrameNCE(nn.Module):
             same[torch.arange(len(target), device=target.device), target] = False
             logits = logits.masked_fill(same, float("-inf"))
         loss = F.cross_entropy(logits, target)
-        return {"mfm_nce_loss": loss, "mfm_nce_acc": (logits.argmax(-1) == target).float().mean().item()}
+        return {"mfm_nce_loss": loss, "mfm_nce_acc": (logits.argmax(-1) == target).float().mean().detach()}
 
 
 def feature_head(model) -> nn.Sequential:
@@ -201,7 +203,7 @@ class FrameOrderModelling(nn.Module):
         logits = self.head(out.clips[moved]).float()
         target = order[moved]
         loss = F.cross_entropy(logits, target)
-        return {"fom_loss": loss, "fom_acc": (logits.argmax(-1) == target).float().mean().item()}
+        return {"fom_loss": loss, "fom_acc": (logits.argmax(-1) == target).float().mean().detach()}
 
 
 class VideoSubtitleMatching(nn.Module):
@@ -254,7 +256,7 @@ class VideoSubtitleMatching(nn.Module):
         n = negative.sum().clamp_min(1)
         glob = ((hinge_v * negative).sum() + (hinge_q * negative).sum()) / n
         loss = self.local_weight * local + self.global_weight * glob
-        return {"vsm_loss": loss, "vsm_local": local.item(), "vsm_global": glob.item()}
+        return {"vsm_loss": loss, "vsm_local": local.detach(), "vsm_global": glob.detach()}
 
 
 class JointContrastive(nn.Module):
@@ -305,7 +307,7 @@ class JointContrastive(nn.Module):
             scores = scores.masked_fill(same & ~pos, float("-inf"))
             loss = (torch.logsumexp(scores, 1) - torch.logsumexp(scores.masked_fill(~pos, float("-inf")), 1)).mean()
         candidates = len(v_all) if self.loss == "infonce" else len(c)
-        return {"joint_loss": loss, "joint_temperature": (1.0 / scale).item(), "joint_candidates": candidates}
+        return {"joint_loss": loss, "joint_temperature": (1.0 / scale).detach(), "joint_candidates": candidates}
 
 
 class VideoTextAlignment(nn.Module):
@@ -345,7 +347,7 @@ class VideoTextAlignment(nn.Module):
         s_t = torch.cat([pos, scores[:, 1 + k :].masked_fill(~ok_t, float("-inf"))], 1)
         zero = torch.zeros(B, dtype=torch.long, device=vm.device)
         loss = (F.cross_entropy(s_v, zero) + F.cross_entropy(s_t, zero)) / 2
-        acc = ((s_v.argmax(1) == 0) & (s_t.argmax(1) == 0)).float().mean().item()
+        acc = ((s_v.argmax(1) == 0) & (s_t.argmax(1) == 0)).float().mean().detach()
         return {"align_loss": loss, "align_acc": acc}
 
 

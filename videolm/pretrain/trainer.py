@@ -74,20 +74,27 @@ def autocast(device: str, precision: str):
     return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
-def _any_rank(flag: bool, device: str, world: int) -> bool:
-    """True when ``flag`` is true on any process (so every rank skips the same steps)."""
-    if world == 1:
-        return flag
-    import torch.distributed as dist
+def _step_health(finite: torch.Tensor, grad_norm: torch.Tensor, world: int) -> tuple[bool, float]:
+    """(every task's loss finite on every rank, gradient norm): the step's one read from the device.
 
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    Under DDP the finite flag is min-reduced first, so every rank skips the same steps.
+    """
+    both = torch.stack([finite.float(), grad_norm.float()])
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = both[:1].clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        both = torch.cat([flag, both[1:]])
+    ok, norm = both.tolist()
+    return ok == 1.0, norm
 
 
 @dataclass
 class StepResult:
-    values: dict[str, float]  # losses and measurements of this step (mean over micro-batches)
+    # losses and measurements of this step (mean over micro-batches), as 0-dim tensors on the device or
+    # numbers: read them with ``as_numbers`` (the training loop does, once per log_every steps)
+    values: dict
     stage_index: int
     bad: str | None = None  # why the step was skipped (non-finite loss or gradient), None when it updated
 
@@ -104,18 +111,20 @@ def train_step(run: Run, step: int, batches, names: list[str] | None = None) -> 
     seed = step_seed(tc.seed, step, run.rank)
     torch.manual_seed(seed)  # dropout: same draws when this step is replayed after a resume
     gen = torch.Generator().manual_seed(seed)
-    values: dict[str, float] = {}
-    bad_tasks: set[str] = set()
+    values: dict = {}
+    finite: dict[str, torch.Tensor] = {}  # task -> its loss was finite in every micro-batch (on the device)
     for micro in range(tc.grad_accum):  # every micro-batch is drawn, even after a bad one: the data plan
         sync = micro == tc.grad_accum - 1 or run.world == 1
         with (contextlib.nullcontext() if sync else run.runner.no_sync()):
-            _forward_backward(run, batch_to(next(batches), run.device), tasks, gen, values, bad_tasks)
+            _forward_backward(run, batch_to(next(batches), run.device), tasks, gen, values, finite)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
-    grad_norm = float(nn.utils.clip_grad_norm_(run.runner.parameters(), tc.grad_clip or float("inf")))
+    grad_norm = nn.utils.clip_grad_norm_(run.runner.parameters(), tc.grad_clip or float("inf"))
+    all_finite = torch.stack(list(finite.values())).all()
+    losses_ok, norm = _step_health(all_finite, grad_norm, run.world)
     if tc.grad_clip:
-        values["grad_norm"] = grad_norm
-    bad = _why_bad(run, bad_tasks, grad_norm)
+        values["grad_norm"] = norm
+    bad = _why_bad(run, losses_ok, finite, norm)
     _update_or_skip(run, bad, values)
     values["lr"] = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -123,29 +132,44 @@ def train_step(run: Run, step: int, batches, names: list[str] | None = None) -> 
     return StepResult(all_reduce_mean(values, run.device), si, bad)
 
 
-def _forward_backward(run: Run, batch: dict, tasks: list[str], gen, values: dict, bad_tasks: set) -> None:
-    """One micro-batch: weighted loss sum, backward, values accumulated (divided by grad_accum)."""
+def _forward_backward(run: Run, batch: dict, tasks: list[str], gen, values: dict, finite: dict) -> None:
+    """One micro-batch: weighted loss sum, backward, values accumulated on the device (divided by grad_accum).
+
+    Nothing here reads a value back to the host: a GPU keeps working while the
+    next micro-batch is prepared (``_step_health`` reads once per step).
+    """
     accum = run.cfg.train.grad_accum
     with autocast(run.device, run.cfg.train.precision):
         per_task = run.runner(batch, tasks, gen)
         total, logged = 0.0, {}
         for task, values_of_task in per_task.items():
             part_sum = sum(v for k, v in values_of_task.items() if k.endswith("_loss"))
-            if not bool(torch.isfinite(torch.as_tensor(part_sum)).all()):
-                bad_tasks.add(task.split(":", 1)[1])
+            ok = torch.isfinite(torch.as_tensor(part_sum, device=run.device)).all()
+            finite[task] = ok if task not in finite else finite[task] & ok
             total = total + run.weights[task] * part_sum
             logged.update(values_of_task)
         loss = total / accum
     # Backward even a non-finite loss: under DDP every rank must join the gradient all-reduce.
     (run.scaler.scale(loss) if run.scaler else loss).backward()
     for k, v in logged.items():
-        values[k] = values.get(k, 0.0) + (v.item() if torch.is_tensor(v) else float(v)) / accum
-    values["loss"] = values.get("loss", 0.0) + loss.item()
+        v = v.detach().float() if torch.is_tensor(v) else float(v)
+        values[k] = values.get(k, 0.0) + v / accum
+    values["loss"] = values.get("loss", 0.0) + loss.detach().float()
 
 
-def _why_bad(run: Run, bad_tasks: set[str], grad_norm: float) -> str | None:
-    if _any_rank(bool(bad_tasks), run.device, run.world):
-        return f"loss is not finite in {', '.join(sorted(bad_tasks)) or 'another process'}"
+def as_numbers(values: dict) -> dict[str, float]:
+    """A step's (or a window's) values as floats, read from the device in one transfer."""
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    read = torch.stack([values[k].float().reshape(()) for k in keys]).tolist() if keys else []
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    out.update(zip(keys, read))
+    return out
+
+
+def _why_bad(run: Run, losses_ok: bool, finite: dict, grad_norm: float) -> str | None:
+    if not losses_ok:  # only now are the per-task flags read, to name the culprits
+        bad = sorted(t.split(":", 1)[1] for t, ok in finite.items() if not bool(ok))
+        return f"loss is not finite in {', '.join(bad) or 'another process'}"
     if not math.isfinite(grad_norm) and run.scaler is None:  # the scaler handles fp16 overflow itself
         return f"gradient norm is {grad_norm} with a finite loss"
     return None
@@ -307,13 +331,13 @@ class _LogWindow:
 
     def add(self, step: int, result: StepResult) -> None:
         run, tc = self.run, self.run.cfg.train
-        for k, v in result.values.items():
+        for k, v in result.values.items():  # device tensors stay there until the window is written
             self.values[k].append(v)
         if result.bad and run.rank == 0:
             log.warning("step %d: %s; step skipped (no update), %d bad step(s) in a row, %d allowed",
                         step, result.bad, run.bad_streak, tc.max_bad_steps)
         if run.bad_streak >= tc.max_bad_steps:
-            self.metrics.log(step, window_record(self.values, self.examples_per_step, self.t_window,
+            self.metrics.log(step, window_record(self._numbers(), self.examples_per_step, self.t_window,
                                                  result.stage_index))  # show the bad steps
             raise TrainError(f"steps {step - run.bad_streak + 1}-{step}: {run.bad_streak} consecutive steps with a "
                              f"non-finite loss or gradient (last: {result.bad}); stopping (train.max_bad_steps="
@@ -324,9 +348,15 @@ class _LogWindow:
         if self.bar is not None:
             self.bar.update(1)
 
+    def _numbers(self) -> dict[str, list[float]]:
+        """The window's values as floats: one read from the device for all of them."""
+        flat = {f"{k}\0{i}": v for k, vs in self.values.items() for i, v in enumerate(vs)}
+        read = as_numbers(flat)
+        return {k: [read[f"{k}\0{i}"] for i in range(len(vs))] for k, vs in self.values.items()}
+
     def _flush(self, step: int, stage_index: int) -> None:
         now = time.perf_counter()
-        record = window_record(self.values, self.examples_per_step, self.t_window, stage_index, now)
+        record = window_record(self._numbers(), self.examples_per_step, self.t_window, stage_index, now)
         self.metrics.log(step, record)
         self.values, self.t_window = defaultdict(list), now
         if self.bar is not None:
