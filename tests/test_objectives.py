@@ -734,3 +734,68 @@ def test_tiny_model_overfits_each_objective_alone(_models, vocab, collate, name,
         opt.step()
     end = _mean_loss(obj, model, batch)
     assert end < 0.5 * start, f"{name}: loss {start:.3f} -> {end:.3f} after {OVERFIT_STEPS[name]} steps"
+
+
+# ---------------------------------------------------------------------------------------------- shared passes
+
+
+def _runner(model, vocab, names, options=None):
+    from videolm.pretrain.run import ObjectiveRunner
+
+    objs = {n: build_objective(n, model, vocab, (options or {}).get(n, {})) for n in names}
+    return ObjectiveRunner(model, torch.nn.ModuleDict(objs)).eval()
+
+
+UNIVL_STAGE2 = ["joint", "mlm", "mfm_nce", "align", "caption"]
+
+
+def test_univl_stage2_runs_each_encoder_twice_per_micro_batch(model, vocab, collate, monkeypatch):
+    # UniVL's own count: a clean pass (joint, and align's pairs) and one masked pass (mlm, mfm, caption)
+    batch = handmade_batch(collate)
+    runner = _runner(model, vocab, UNIVL_STAGE2)
+    text = record_calls(monkeypatch, model, "encode_text")
+    video = record_calls(monkeypatch, model, "encode_video")
+    cross = record_calls(monkeypatch, model, "cross")
+    out = runner(batch, UNIVL_STAGE2, gen(0))
+    assert set(out) == set(UNIVL_STAGE2) and all(torch.isfinite(v[f"{k}_loss"]) for k, v in out.items())
+    assert len(text) == 2 and len(video) == 2  # was 5 and 5: one pass per objective
+    assert len(cross) == 2  # the masked pass, and align's pairs of the clean states
+    masked = [c for c in text if not torch.equal(c["ids"], batch["text_ids"])]
+    assert len(masked) == 1  # the masked pass corrupts the text once, for every reader
+
+
+def test_sharing_the_clean_pass_gives_the_same_losses(model, vocab, collate):
+    batch = handmade_batch(collate)
+    shared = _runner(model, vocab, ["joint", "align"])(batch, ["joint", "align"], gen(4))
+    for name in ("joint", "align"):  # each alone, from the same generator state
+        alone = _runner(model, vocab, [name])(batch, [name], gen(4))[name]
+        assert alone[f"{name}_loss"].item() == pytest.approx(shared[name][f"{name}_loss"].item(), abs=1e-6)
+
+
+def test_the_shared_masked_pass_draws_text_then_clips(model, vocab, collate, monkeypatch):
+    # mlm and mfm_nce together read one pass: mlm's corruption (drawn first, exactly as mlm alone draws
+    # it) and mfm's hidden clips (drawn next) are both in it, as in UniVL
+    from videolm.pretrain import passes as passes_module
+
+    batch = handmade_batch(collate)
+    runner = _runner(model, vocab, ["mlm", "mfm_nce"], {"mlm": {"mask_prob": 0.4}, "mfm_nce": {"mask_prob": 0.5}})
+    seen = record_outputs(monkeypatch, passes_module.SharedPasses, "_run_masked")
+    out = runner(batch, ["mlm", "mfm_nce"], gen(3))
+    (p,) = seen
+    g = gen(3)
+    ids, labels = runner.objectives["mlm"].corrupt(batch["text_ids"], batch["text_mask"], g)
+    chosen = sample_mask(batch["video_mask"], 0.5, g)
+    assert torch.equal(p.inputs["text_ids"], ids) and torch.equal(p.labels, labels)
+    assert torch.equal(p.chosen, chosen) and (p.inputs["video"][chosen] == 0).all()
+    # each loss is read from that one pass
+    with torch.no_grad():
+        again = model(p.inputs)
+        mlm = runner.objectives["mlm"]
+        at = labels != IGNORE
+        manual = F.cross_entropy(mlm.logits(model, again.cross_text[at]).float(), labels[at])
+    assert out["mlm"]["mlm_loss"].item() == pytest.approx(manual.item(), rel=1e-5)
+    # alone, mlm draws the same corruption and no clip is hidden
+    seen.clear()
+    runner(batch, ["mlm"], gen(3))
+    assert torch.equal(seen[0].inputs["text_ids"], ids) and seen[0].chosen is None
+    assert torch.equal(seen[0].inputs["video"], batch["video"])

@@ -117,7 +117,9 @@ class SingleStreamModel(nn.Module):
         pooled = self.align_pooler(y) if "align" in self.parts else None
         return VideoTextOutput(cross_text=y[:, :L], cross_video=cv, clips=cv, pooled=pooled)
 
-    def pair_pooled(self, inputs: dict, text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
+    def pair_pooled(self, inputs: dict, text_idx: torch.Tensor, video_idx: torch.Tensor, sides=None) -> torch.Tensor:
+        """Pooled [CLS] of each pair, every pair its own joint sequence (``sides`` is not used: one
+        sequence mixes both sides from its first layer)."""
         need_part(self, "align", "pair scores")
         pairs = {"text_ids": inputs["text_ids"][text_idx], "text_mask": inputs["text_mask"][text_idx],
                  "video_mask": inputs["video_mask"][video_idx]}

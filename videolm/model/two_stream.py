@@ -107,12 +107,16 @@ class TwoStreamModel(nn.Module):
         ct, cv, pooled = self.cross(text_h, tm, video_h, vm)
         return VideoTextOutput(cross_text=ct, cross_video=cv, clips=cv, pooled=pooled, text=text_h, video=video_h)
 
-    def pair_pooled(self, inputs: dict, text_idx: torch.Tensor, video_idx: torch.Tensor) -> torch.Tensor:
-        """Pooled cross states of the pairs (text ``text_idx[i]``, video ``video_idx[i]``); each side encoded once."""
+    def pair_pooled(self, inputs: dict, text_idx: torch.Tensor, video_idx: torch.Tensor,
+                    sides: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Pooled cross states of the pairs (text ``text_idx[i]``, video ``video_idx[i]``); each side encoded
+        once, or taken from ``sides`` ((text states, video states) of ``inputs`` already encoded)."""
         need_part(self, "align", "pair scores")
         tm, vm = inputs["text_mask"], inputs["video_mask"]
-        text_h = self.encode_text(inputs["text_ids"], tm)
-        video_h = self.encode_video(vm, inputs.get("video"), inputs.get("video_tokens"))
+        if sides is None:
+            sides = (self.encode_text(inputs["text_ids"], tm),
+                     self.encode_video(vm, inputs.get("video"), inputs.get("video_tokens")))
+        text_h, video_h = sides
         return self.cross(text_h[text_idx], tm[text_idx], video_h[video_idx], vm[video_idx])[2]
 
     def align_score(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -31,23 +31,23 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .distributed import gather_keys, gather_with_grad
-from .masking import (IGNORE, TextVocab, uniform, hide_clips, hide_whole_texts, same_video, sample_mask,
-                      shuffle_clips)
+from .masking import IGNORE, TextVocab, same_video, sample_mask, shuffle_clips, uniform
+from .passes import SharedPasses
 from ..model.bert_layers import prediction_transform
 from ..model.layers import init_weights, masked_mean, mlp_head
 from ..model.video_text import ARCHITECTURES
 
 
-def masked_clip_states(model, batch: dict, mask_prob: float, gen, enhanced_v: float = 0.0,
-                       vocab: "TextVocab | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hide ``mask_prob`` of the real clips and run the model: (chosen (B, T), clip states of the chosen).
+def own_passes(objective, model, batch, gen, passes):
+    """The micro-batch's shared passes, or, for an objective called on its own, passes of its own."""
+    return passes if passes is not None else SharedPasses(model, batch, gen, [objective])
 
-    mvm, mfm_nce and mfm_reg differ only in what they predict from these states
-    (``out.clips``: the cross encoder's, or HERO's global level).
-    """
-    chosen = sample_mask(batch["video_mask"], mask_prob, gen)
-    inputs = hide_whole_texts(model, hide_clips(batch, chosen), enhanced_v, vocab, gen)
-    return chosen, model(inputs).clips[chosen]
+
+def masked_clip_states(passes) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden clips (B, T), their states in the shared masked pass): mvm, mfm_nce and mfm_reg differ
+    only in what they predict from these (``out.clips``: the cross encoder's, or HERO's global level)."""
+    p = passes.masked()
+    return p.chosen, p.out.clips[p.chosen]
 
 
 class MaskedLanguageModelling(nn.Module):
@@ -62,6 +62,7 @@ class MaskedLanguageModelling(nn.Module):
     name = "mlm"
     model_parts = ("cross",)
     architectures = ARCHITECTURES
+    masked_pass = "text"  # corrupts the shared masked pass's text (passes.py)
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
         super().__init__()
@@ -83,12 +84,11 @@ class MaskedLanguageModelling(nn.Module):
         out = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, out)
         return out, labels
 
-    def forward(self, model, batch, gen):
-        key = model.text_input
-        ids, labels = self.corrupt(batch[f"{key}_ids"], batch[f"{key}_mask"], gen)
-        out = model({**batch, f"{key}_ids": ids}, local_only=True)
+    def forward(self, model, batch, gen, passes=None):
+        p = own_passes(self, model, batch, gen, passes).masked()
+        labels = p.labels
         at = labels != IGNORE
-        logits = self.logits(model, out.cross_text[at])
+        logits = self.logits(model, p.out.cross_text[at])
         loss = F.cross_entropy(logits.float(), labels[at])
         return {"mlm_loss": loss, "mlm_acc": (logits.argmax(-1) == labels[at]).float().mean().detach()}
 
@@ -99,6 +99,7 @@ class MaskedVisualWords(nn.Module):
     name = "mvm"
     model_parts = ("cross",)
     architectures = ARCHITECTURES
+    masked_pass = "clips"
     needs_tokens = True
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
@@ -108,8 +109,8 @@ class MaskedVisualWords(nn.Module):
         self.mask_prob = mask_prob
         self.head = mlp_head(model.cfg.hidden, model.cfg.visual_vocab)
 
-    def forward(self, model, batch, gen):
-        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen)
+    def forward(self, model, batch, gen, passes=None):
+        chosen, states = masked_clip_states(own_passes(self, model, batch, gen, passes))
         target = batch["video_tokens"][chosen]
         logits = self.head(states)
         loss = F.cross_entropy(logits.float(), target)
@@ -127,6 +128,7 @@ class MaskedFrameNCE(nn.Module):
     name = "mfm_nce"
     model_parts = ("cross",)
     architectures = ARCHITECTURES
+    masked_pass = "clips"
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1,
                  enhanced_v: float = 0.0):
@@ -135,9 +137,9 @@ class MaskedFrameNCE(nn.Module):
         self.vocab, self.enhanced_v = vocab, check_probability("mfm_nce", "enhanced_v", enhanced_v)
         self.head = feature_head(model)
 
-    def forward(self, model, batch, gen):
+    def forward(self, model, batch, gen, passes=None):
         vm = batch["video_mask"]
-        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen, self.enhanced_v, self.vocab)
+        chosen, states = masked_clip_states(own_passes(self, model, batch, gen, passes))
         pred = F.normalize(self.head(states).float(), dim=-1)
         candidates = F.normalize(batch["video"][vm].float(), dim=-1)
         # index of each masked clip among the real clips, in the same row-major order as batch["video"][vm]
@@ -165,6 +167,7 @@ class MaskedFrameRegression(nn.Module):
     name = "mfm_reg"
     model_parts = ("cross",)
     architectures = ARCHITECTURES
+    masked_pass = "clips"
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, enhanced_v: float = 0.0):
         super().__init__()
@@ -172,8 +175,8 @@ class MaskedFrameRegression(nn.Module):
         self.vocab, self.enhanced_v = vocab, check_probability("mfm_reg", "enhanced_v", enhanced_v)
         self.head = feature_head(model)
 
-    def forward(self, model, batch, gen):
-        chosen, states = masked_clip_states(model, batch, self.mask_prob, gen, self.enhanced_v, self.vocab)
+    def forward(self, model, batch, gen, passes=None):
+        chosen, states = masked_clip_states(own_passes(self, model, batch, gen, passes))
         pred = self.head(states).float()
         return {"mfm_reg_loss": F.mse_loss(pred, batch["video"][chosen].float())}
 
@@ -194,7 +197,7 @@ class FrameOrderModelling(nn.Module):
         self.head = mlp_head(model.cfg.hidden, model.cfg.max_frames)  # one class per clip position
         self.shuffle_prob = shuffle_prob
 
-    def forward(self, model, batch, gen):
+    def forward(self, model, batch, gen, passes=None):  # its own shuffled pass
         vm = batch["video_mask"]
         order, moved = shuffle_clips(vm, self.shuffle_prob, gen)
         out = model(batch, clip_order=order)
@@ -226,7 +229,7 @@ class VideoSubtitleMatching(nn.Module):
         H = model.cfg.hidden
         self.query = init_weights(nn.Linear(H, 3 * H))  # start, end and global query vectors from one subtitle
 
-    def forward(self, model, batch, gen):
+    def forward(self, model, batch, gen, passes=None):  # its own clean pass of both levels
         vm, valid, spans = batch["video_mask"], batch["sub_valid"] & (batch["sub_spans"][..., 0] >= 0), batch["sub_spans"]
         has = valid.any(1)
         # a random valid subtitle per example: argmax of random scores over valid ones
@@ -277,10 +280,9 @@ class JointContrastive(nn.Module):
             raise ConfigError(f"joint: loss must be infonce or milnce, got {loss!r}")
         self.loss, self.gather = loss, gather
 
-    def forward(self, model, batch, gen):
+    def forward(self, model, batch, gen, passes=None):
         vm = batch["video_mask"]
-        text_h = model.encode_text(batch["text_ids"], batch["text_mask"])
-        video_h = model.encode_video(vm, batch["video"], batch.get("video_tokens"))
+        text_h, video_h = own_passes(self, model, batch, gen, passes).sides()
         t = model.joint.text(text_h, batch["text_mask"]).float()
         scale = model.joint.logit_scale.exp().clamp(max=100.0)
         keys, offset = batch["video_key"], 0
@@ -330,16 +332,19 @@ class VideoTextAlignment(nn.Module):
         idx = r.topk(k, dim=1).indices
         return idx, allowed.gather(1, idx)
 
-    def forward(self, model, batch, gen):
+    def forward(self, model, batch, gen, passes=None):
         vm = batch["video_mask"]
         B = len(vm)
+        passes = own_passes(self, model, batch, gen, passes)
         allowed = ~same_video(batch)
         neg_v, ok_v = self._pick(allowed, gen)  # for text i: videos neg_v[i]
         neg_t, ok_t = self._pick(allowed, gen)  # for video i: texts neg_t[i]
         rows = torch.arange(B, device=vm.device)[:, None]
         text_idx = torch.cat([rows, rows.expand_as(neg_v), neg_t], 1)  # (B, 1 + 2k)
         video_idx = torch.cat([rows, neg_v, rows.expand_as(neg_t)], 1)
-        pooled = model.pair_pooled(batch, text_idx.flatten(), video_idx.flatten())
+        # two_stream re-pairs the clean sides (shared with joint); single_stream runs each pair
+        sides = passes.sides() if model.cfg.architecture == "two_stream" else None
+        pooled = model.pair_pooled(batch, text_idx.flatten(), video_idx.flatten(), sides=sides)
         scores = model.align_score(pooled).float().view(B, -1)
         k = neg_v.shape[1]
         pos = scores[:, :1]
@@ -363,19 +368,23 @@ class CaptionReconstruction(nn.Module):
     name = "caption"
     model_parts = ("decoder",)
     architectures = ("two_stream",)
+    masked_pass = "decoder"  # reads the shared masked pass; its own input masking only without mlm
 
     def __init__(self, model, vocab: TextVocab, input_mask_prob: float = 0.15, enhanced_v: float = 0.0):
         super().__init__()
         self.vocab, self.input_mask_prob = vocab, input_mask_prob
         self.enhanced_v = check_probability("caption", "enhanced_v", enhanced_v)
 
-    def forward(self, model, batch, gen):
-        ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
+    def corrupt(self, ids, mask, gen):
+        """The cross encoder's input text: ``input_mask_prob`` of the words set to [MASK] (no mlm labels)."""
         v = self.vocab
-        maskable = tm & (ids != v.cls) & (ids != v.sep)
+        maskable = mask & (ids != v.cls) & (ids != v.sep)
         hidden = (uniform(ids.shape, gen, ids.device) < self.input_mask_prob) & maskable
-        inputs = hide_whole_texts(model, {**batch, "text_ids": ids.masked_fill(hidden, v.mask)}, self.enhanced_v, v, gen)
-        out = model(inputs)
+        return ids.masked_fill(hidden, v.mask), None
+
+    def forward(self, model, batch, gen, passes=None):
+        ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
+        out = own_passes(self, model, batch, gen, passes).masked().out  # UniVL decodes from its masked pass
         memory = torch.cat([out.cross_text, out.cross_video], 1)
         memory_mask = torch.cat([tm, vm], 1)
         logits = model.decode(ids[:, :-1], tm[:, :-1], memory, memory_mask).float()

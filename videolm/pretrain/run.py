@@ -33,6 +33,7 @@ from .checkpoint import (latest_checkpoint, load_into, load_model_state, load_ob
 from .collate import Collator
 from .dataset import VideoTextDataset
 from .objectives import OBJECTIVES, TextVocab, build_objective, model_parts_for
+from .passes import SharedPasses
 from .recipe import PretrainConfig, recipe_to_dict
 
 log = logging.getLogger("videolm.pretrain.run")
@@ -75,7 +76,9 @@ class ObjectiveRunner(nn.Module):
         self.model, self.objectives = model, objectives
 
     def forward(self, batch: dict, tasks: list[str], gen: torch.Generator) -> dict[str, dict]:
-        return {task: self.objectives[task](self.model, batch, gen) for task in tasks}
+        # one clean and one masked encoder pass for the whole micro-batch, shared by the objectives
+        passes = SharedPasses(self.model, batch, gen, [self.objectives[t] for t in tasks])
+        return {task: self.objectives[task](self.model, batch, gen, passes) for task in tasks}
 
 
 def task_key(stage_index: int, name: str) -> str:

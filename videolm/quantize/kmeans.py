@@ -170,38 +170,159 @@ class Codebook:
     def assign(self, x: np.ndarray, chunk: int = 32768) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Walk the tree: (word ids (n,), paths (n, levels), squared distance per level (n, levels)).
 
-        ``x`` must already be normalised like the training sample.
+        ``x`` must already be normalised like the training sample. Rows go ``chunk`` at a time;
+        at each level a point takes the child of its node with the smallest ``|c|^2 - 2 x.c``
+        (first child on ties). Each level is scored for all points at once (module notes,
+        "Assignment"); close calls are re-scored exactly as the per-node walk over the chunk
+        scores them, so the words and paths are those of that walk, bit for bit.
         """
         n = len(x)
+        tables = self._assign_tables()
         paths = np.zeros((n, self.depth), dtype=np.int16)
         dists = np.zeros((n, self.depth), dtype=np.float32)
-        node_sq = [np.einsum("ij,ij->i", lv["centroids"], lv["centroids"]) for lv in self.levels]
         for a in range(0, n, chunk):
             xc = x[a : a + chunk]
+            xf = np.ascontiguousarray(xc, dtype=np.float32)
+            x_sq = np.einsum("ij,ij->i", xf, xf)
             node = np.zeros(len(xc), dtype=np.int64)  # the virtual root's only "node"
             for l, level in enumerate(self.levels):
-                if l == 0:
-                    first = np.zeros(1, dtype=np.int64)
-                    count = np.array([len(level["centroids"])])
-                else:
-                    first, count = self.levels[l - 1]["first_child"], self.levels[l - 1]["num_children"]
-                # Points are grouped by their current node; each group is one small
-                # matrix product against that node's children (<= k of them).
-                order = np.argsort(node, kind="stable")
-                parents, starts = np.unique(node[order], return_index=True)
-                ends = np.append(starts[1:], len(order))
-                child = np.empty(len(xc), dtype=np.int64)
-                for p, s, e in zip(parents, starts, ends):
-                    rows = order[s:e]
-                    lo, hi = int(first[p]), int(first[p] + count[p])
-                    j, d = nearest(xc[rows], level["centroids"][lo:hi], node_sq[l][lo:hi])
-                    child[rows] = lo + j
-                    dists[a + rows, l] = d
-                node = child
+                node, dists[a : a + len(xc), l] = _descend(xc, xf, x_sq, node, tables[l], root=l == 0)
                 paths[a : a + len(xc), l] = level["child_index"][node]
         k_pow = self.k ** np.arange(self.depth - 1, -1, -1, dtype=np.int64)
         words = (paths.astype(np.int64) * k_pow).sum(axis=1)
         return words.astype(np.int32), paths, dists
+
+    def _assign_tables(self) -> list[dict[str, np.ndarray]]:
+        """Per level, its parents' children as index rows; cached (``levels`` must not change afterwards)."""
+        cached = self.__dict__.get("_tables")
+        if cached is not None:
+            return cached
+        tables = []
+        for l, level in enumerate(self.levels):
+            cents = level["centroids"]
+            if l == 0:
+                first, count = np.zeros(1, dtype=np.int64), np.array([len(cents)], dtype=np.int64)
+            else:
+                first, count = self.levels[l - 1]["first_child"], self.levels[l - 1]["num_children"]
+            tables.append(_children_table(cents, first, count))
+        self.__dict__["_tables"] = tables
+        return tables
+
+
+# --------------------------------------------------------------------------- assignment
+#
+# The per-node walk (tests/test_quantize.py keeps it as the reference) sorts a chunk's points
+# by node and scores each node's points against its children with one matrix product: a
+# Python loop over ~1,900 nodes per chunk for the 12^4 tree. Here a level is scored for the
+# whole chunk by stacked products instead: the points, sorted by node, are cut into tiles of
+# _TILE rows of one node (a node's last points in padded tiles of _SMALL_TILE rows) and
+# (tiles, rows, dim) @ (tiles, dim, children) runs in C, single-threaded (many small
+# products: BLAS threads only add synchronisation). The formula is the reference's,
+# |c|^2 - 2 x.c in float32 with the first child winning ties, but BLAS rounds a product
+# differently with its shape and thread count, so a score may differ from the reference's
+# in its last bits. A choice whose margin (second-best minus best score) is below
+# _CLOSE_CALL * sqrt(dim) * (|x| + largest child norm)^2, some 50 times that rounding, is
+# therefore scored again with the reference's own call on the node's whole group of points:
+# exact ties and near-ties get the reference's words, bit for bit.
+
+_TILE, _SMALL_TILE = 32, 8  # rows per tile of the stacked products
+_BATCH_BYTES = 8 << 20  # gathered rows and children of one stacked product: small enough to stay in cache
+_ROOT_BYTES = 64 << 20  # root-level score matrix per slice (a flat codebook may have thousands of words)
+_CLOSE_CALL = 2.0**-21
+_blas = None
+
+
+def _one_blas_thread():
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController  # ships with scikit-learn
+
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+def _children_table(cents: np.ndarray, first: np.ndarray, count: np.ndarray) -> dict[str, np.ndarray]:
+    """Each parent's children as a padded row of centroid indices, with their squared norms (+inf padding)."""
+    width = max(int(count.max()), 1)
+    j = np.arange(width)
+    idx = np.minimum(first[:, None] + np.minimum(j, np.maximum(count, 1)[:, None] - 1), len(cents) - 1)
+    sq = np.einsum("ij,ij->i", cents, cents)  # as the reference computes it
+    sq_pad = sq.astype(np.float32)[idx]
+    sq_pad[j >= count[:, None]] = np.inf
+    norm = np.sqrt(np.where(np.isfinite(sq_pad), sq_pad, 0).max(axis=1))
+    return {"centroids": cents, "sq": sq, "first": first, "count": count, "c32": np.asarray(cents, np.float32),
+            "idx": idx, "sq_pad": sq_pad, "norm": norm}
+
+
+def _best_two(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along the last axis: first index of the minimum, the minimum, and the gap to the second smallest."""
+    j = d.argmin(axis=-1)
+    best = np.take_along_axis(d, j[..., None], axis=-1)[..., 0]
+    if d.shape[-1] < 2:
+        return j, best, np.full_like(best, np.inf)
+    two = np.partition(d, 1, axis=-1)
+    return j, best, two[..., 1] - two[..., 0]
+
+
+def _root_scores(xf: np.ndarray, t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cents, sq = t["c32"], t["sq_pad"][0]
+    out = (np.empty(len(xf), np.int64), np.empty(len(xf), np.float32), np.empty(len(xf), np.float32))
+    step = max(1, _ROOT_BYTES // (4 * len(cents)))
+    for a in range(0, len(xf), step):
+        for o, v in zip(out, _best_two(sq[None, :] - 2.0 * (xf[a : a + step] @ cents.T))):
+            o[a : a + step] = v
+    return out
+
+
+def _tiles(order: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, size: int):
+    """Cut each parent's segment of the sorted rows into tiles of ``size`` rows: (parent, rows, valid) per tile;
+    a short last tile repeats its last row."""
+    nt = -(-seg_len // size)
+    tp = np.repeat(np.arange(len(nt)), nt)
+    nth = np.arange(len(tp)) - np.repeat(np.cumsum(nt) - nt, nt)
+    end = (seg_start + seg_len)[tp, None]
+    pos = (seg_start[tp] + nth * size)[:, None] + np.arange(size)
+    valid = pos < end
+    return tp, order[np.minimum(pos, end - 1)], valid
+
+
+def _tiled_scores(xf: np.ndarray, node: np.ndarray, t: dict):
+    """Best child, its score and the margin for every row, each row scored against its own node's children."""
+    order = np.argsort(node, kind="stable")
+    size = np.bincount(node, minlength=len(t["idx"]))  # points per parent
+    start = np.cumsum(size) - size
+    full = size // _TILE * _TILE
+    out = (np.empty(len(xf), np.int64), np.empty(len(xf), np.float32), np.empty(len(xf), np.float32))
+    width = t["idx"].shape[1]
+    for seg_start, seg_len, rows_per_tile in ((start, full, _TILE), (start + full, size - full, _SMALL_TILE)):
+        tp, rows, valid = _tiles(order, seg_start, seg_len, rows_per_tile)
+        per = max(1, _BATCH_BYTES // (4 * xf.shape[1] * (rows_per_tile + width)))
+        for b in range(0, len(tp), per):
+            p, r, v = tp[b : b + per], rows[b : b + per], valid[b : b + per]
+            s = xf[r] @ t["c32"][t["idx"][p]].transpose(0, 2, 1)  # (tiles, rows, children)
+            got = _best_two(t["sq_pad"][p][:, None, :] - 2.0 * s)
+            keep = r[v]
+            for o, g in zip(out, got):
+                o[keep] = g[v]
+    return out, (order, start, size)
+
+
+def _descend(xc: np.ndarray, xf: np.ndarray, x_sq: np.ndarray, node: np.ndarray, t: dict, root: bool):
+    """One level for a chunk: (each row's child node, squared distance to it)."""
+    with _one_blas_thread():
+        if root:
+            (j, best, margin), groups = _root_scores(xf, t), None
+        else:
+            (j, best, margin), groups = _tiled_scores(xf, node, t)
+    child = t["first"][node] + j
+    dist = np.maximum(best + x_sq, 0.0)
+    tau = _CLOSE_CALL * np.sqrt(xf.shape[1]) * (np.sqrt(x_sq) + t["norm"][node]) ** 2
+    for p in np.unique(node[~(margin > tau)]):  # close calls (and NaN): the reference's own call
+        rows = np.arange(len(xc)) if groups is None else groups[0][groups[1][p] : groups[1][p] + groups[2][p]]
+        lo, hi = int(t["first"][p]), int(t["first"][p] + t["count"][p])
+        j, d = nearest(xc[rows], t["centroids"][lo:hi], t["sq"][lo:hi])
+        child[rows], dist[rows] = lo + j, d
+    return child, dist
 
 
 def _children_of(points: np.ndarray, k: int, cfg: QuantizeConfig, seed: int, fallback: np.ndarray) -> np.ndarray:
