@@ -19,8 +19,11 @@ in the same process run, so the ratios are meaningful on a noisy machine:
   1024 generated features (a 4-level hierarchical Gaussian mixture, below):
   ``fit_codebook`` with the fast preset on all 500k points, then ``Codebook.assign``
   of all points; target: fit + assign under 3 minutes on 2 cores. Assignment
-  throughput is compared with a memory-bandwidth bound (one float32 read of each
-  clip at the measured numpy copy bandwidth).
+  throughput (clips/s) is compared, in the same run, with the per-node reference walk
+  it replaced (tests/test_quantize.py, timed on the first 65,536 points, whose words
+  must be identical), with one read pass over the same features (``x.sum()``) and one
+  level's product (``x @ centroids.T``, 12 columns), and with memory-bandwidth and
+  sgemm bounds.
 * ``cli``: peak RSS and wall time of the real ``videolm quantize`` subprocess
   (``--sample 500000 --k 12 --levels 4``) on a feature directory holding the same
   features as float16 shards (cached under ``--out``); bound: sample x dim x 4 B x 3.
@@ -55,6 +58,7 @@ CURVE_NITER = 40  # length of the full-batch run whose per-iteration objective i
 # hierarchical benchmark / CLI
 H_N, H_DIM, H_K, H_LEVELS = 500_000, 1024, 12, 4
 H_TARGET_S = 180.0
+REF_N = 65_536  # points the slow reference walk is timed on: two of assign's 32768-row chunks
 SHARDS, CLIPS_PER_VIDEO = 10, 20
 # Bump when the generated features change, so a stale cached feature directory is not reused.
 GEN_VERSION = 1
@@ -303,6 +307,76 @@ def blas_contention_diagnostic(x: np.ndarray, cfg, fingerprint: str, fit_s: floa
     }
 
 
+def _timed(f, repeats: int = 1):
+    """(best wall seconds of ``repeats`` calls, the last call's result)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = f()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _reference_assign():
+    """The per-node walk that Codebook.assign replaced, kept verbatim in tests/test_quantize.py."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_quantize import reference_assign
+
+    return reference_assign
+
+
+def assign_benchmark(cb, x: np.ndarray) -> dict:
+    """Codebook.assign of every point; the reference walk on the first REF_N points; same-data baselines."""
+    import videolm.quantize.kmeans as km
+
+    log("hierarchical: Codebook.assign of all points")
+    calls, real = [], km.nearest  # assign calls nearest only for close calls: count them
+    km.nearest = lambda xs, *a, **kw: calls.append(len(xs)) or real(xs, *a, **kw)
+    try:
+        c0 = time.process_time()
+        assign_s, (words, _, _) = _timed(lambda: cb.assign(x))
+        assign_cpu = time.process_time() - c0
+    finally:
+        km.nearest = real
+    log(f"hierarchical: reference walk on the first {REF_N} points, then assign on them (best of 3)")
+    sub = x[:REF_N]
+    ref_s, (ref_words, ref_paths, _) = _timed(lambda: _reference_assign()(cb, sub))
+    sub_s, (sub_words, sub_paths, _) = _timed(lambda: cb.assign(sub), 3)
+    log("hierarchical: same-data baselines (x.sum(), x @ level-0 centroids)")
+    sum_s, _ = _timed(lambda: x.sum(), 3)
+    c0s = cb.levels[0]["centroids"]
+    mm_s, _ = _timed(lambda: x @ c0s.T, 3)
+    cps = len(x) / assign_s
+    return {
+        "assign_s": assign_s, "words": words, "assign_cpu_s": _r(assign_cpu, 2),
+        "close_calls": {"groups": len(calls), "rows": int(sum(calls)),
+                        "note": "node groups whose choice was within rounding reach, re-scored by the reference's "
+                                "own product (part of assign_s)"},
+        "vs_reference": {
+            "clips": REF_N,
+            "reference_s": _r(ref_s, 2),
+            "reference_clips_per_s": round(REF_N / ref_s),
+            "assign_s": _r(sub_s, 3),
+            "assign_clips_per_s": round(REF_N / sub_s),
+            "speedup": _r(ref_s / sub_s, 1),
+            "words_identical": bool(np.array_equal(sub_words, ref_words) and np.array_equal(sub_paths, ref_paths)),
+            "words_differing": int((sub_words != ref_words).sum()),
+            "same_as_full_run": bool(np.array_equal(sub_words, words[:REF_N])),
+        },
+        "baselines": {
+            "sum_pass_s": _r(sum_s, 3),
+            "sum_pass_clips_per_s": round(len(x) / sum_s),
+            "assign_over_sum_pass": _r(cps * sum_s / len(x), 4),
+            "matmul_one_level_s": _r(mm_s, 3),
+            "matmul_one_level_clips_per_s": round(len(x) / mm_s),
+            "assign_over_matmul_one_level": _r(cps * mm_s / len(x), 4),
+            "note": "same x, same run: one float32 read pass (x.sum()) and the root level's product "
+                    f"x @ centroids.T ({len(x)} x {x.shape[1]} @ {x.shape[1]} x {len(c0s)}, one BLAS call); "
+                    f"assign does {cb.depth} such products per clip",
+        },
+    }
+
+
 def hierarchical_benchmark() -> dict:
     from videolm.quantize.kmeans import PRESETS, QuantizeConfig, fit_codebook, normalize_rows, word_stats
 
@@ -338,12 +412,9 @@ def hierarchical_benchmark() -> dict:
 
     diag = blas_contention_diagnostic(x, cfg, cb.fingerprint(), fit_s)
 
-    log("hierarchical: Codebook.assign of all points")
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    words, _, _ = cb.assign(x)
-    assign_s = time.perf_counter() - t0
-    assign_cpu = time.process_time() - c0
+    asg = assign_benchmark(cb, x)
+    assign_s = asg.pop("assign_s")
+    words = asg.pop("words")
     stats = word_stats(np.bincount(words, minlength=cb.vocab_size), len(cb.levels[-1]["centroids"]))
 
     log("hierarchical: memory bandwidth and sgemm reference")
@@ -365,8 +436,9 @@ def hierarchical_benchmark() -> dict:
         "fit_with_numpy_blas_1_thread": diag,
         "inertia_per_level": [float(v) for v in inertia],
         "assign_s": _r(assign_s, 2),
-        "assign_cpu_s": _r(assign_cpu, 2),
+        "assign_cpu_s": asg.pop("assign_cpu_s"),
         "assign_clips_per_s": round(clips_per_s, 1),
+        **asg,
         "fit_plus_assign_s": _r(total, 2),
         "target_s": H_TARGET_S,
         "meets_target": bool(total < H_TARGET_S),

@@ -15,7 +15,8 @@ from videolm.features.hdf5 import ShardError
 from videolm.features.layout import list_shards, shard_name, token_path
 from videolm.features.shards import FeatureStore, ShardWriter
 from videolm.model.inputs import VISUAL_TOKEN_OFFSET
-from videolm.quantize.kmeans import QuantizeConfig, fit_codebook, normalize_rows
+import videolm.quantize.kmeans as kmeans
+from videolm.quantize.kmeans import Codebook, QuantizeConfig, fit_codebook, normalize_rows
 from videolm.quantize.job import QuantizeError, load_codebook, run_quantize
 
 
@@ -44,6 +45,67 @@ def brute_force_walk(cb, x):
     return np.array(words), np.array(paths)
 
 
+# --------------------------------------------------------------------------- the reference walk
+# Codebook.assign as it was before it was vectorised (a Python loop over each chunk's nodes),
+# kept verbatim as the reference: the fast assignment must give exactly its words and paths.
+
+
+def reference_nearest(x, centroids, c_sq=None, chunk=16384):
+    if c_sq is None:
+        c_sq = np.einsum("ij,ij->i", centroids, centroids)
+    idx = np.empty(len(x), dtype=np.int64)
+    dist = np.empty(len(x), dtype=np.float32)
+    for a in range(0, len(x), chunk):
+        xc = x[a : a + chunk]
+        d = c_sq[None, :] - 2.0 * (xc @ centroids.T)
+        i = np.argmin(d, axis=1)
+        idx[a : a + chunk] = i
+        dist[a : a + chunk] = np.maximum(d[np.arange(len(xc)), i] + np.einsum("ij,ij->i", xc, xc), 0.0)
+    return idx, dist
+
+
+def reference_assign(cb, x, chunk=32768):
+    n = len(x)
+    paths = np.zeros((n, cb.depth), dtype=np.int16)
+    dists = np.zeros((n, cb.depth), dtype=np.float32)
+    node_sq = [np.einsum("ij,ij->i", lv["centroids"], lv["centroids"]) for lv in cb.levels]
+    for a in range(0, n, chunk):
+        xc = x[a : a + chunk]
+        node = np.zeros(len(xc), dtype=np.int64)
+        for l, level in enumerate(cb.levels):
+            if l == 0:
+                first = np.zeros(1, dtype=np.int64)
+                count = np.array([len(level["centroids"])])
+            else:
+                first, count = cb.levels[l - 1]["first_child"], cb.levels[l - 1]["num_children"]
+            order = np.argsort(node, kind="stable")
+            parents, starts = np.unique(node[order], return_index=True)
+            ends = np.append(starts[1:], len(order))
+            child = np.empty(len(xc), dtype=np.int64)
+            for p, s, e in zip(parents, starts, ends):
+                rows = order[s:e]
+                lo, hi = int(first[p]), int(first[p] + count[p])
+                j, d = reference_nearest(xc[rows], level["centroids"][lo:hi], node_sq[l][lo:hi])
+                child[rows] = lo + j
+                dists[a + rows, l] = d
+            node = child
+            paths[a : a + len(xc), l] = level["child_index"][node]
+    k_pow = cb.k ** np.arange(cb.depth - 1, -1, -1, dtype=np.int64)
+    words = (paths.astype(np.int64) * k_pow).sum(axis=1)
+    return words.astype(np.int32), paths, dists
+
+
+def assert_same_as_reference(cb, x, chunk=32768):
+    words, paths, dists = cb.assign(x, chunk=chunk)
+    ref_words, ref_paths, ref_dists = reference_assign(cb, x, chunk)
+    np.testing.assert_array_equal(words, ref_words)
+    np.testing.assert_array_equal(paths, ref_paths)
+    assert words.dtype == ref_words.dtype and paths.dtype == ref_paths.dtype and dists.dtype == ref_dists.dtype
+    # distances only to float32 rounding: a product's last bits depend on its shape
+    np.testing.assert_allclose(dists, ref_dists, rtol=1e-5, atol=1e-6 * max(1.0, float(ref_dists.max())))
+    return words
+
+
 def test_tree_structure_and_paths():
     cfg = QuantizeConfig(k=3, levels=3, sample=3000, seed=1)
     cb, inertia = fit_codebook(normalize_rows(blobs(3000), "l2"), cfg)
@@ -66,6 +128,7 @@ def test_assignment_matches_brute_force_at_every_level():
     cb, _ = fit_codebook(x, cfg)
     test = normalize_rows(blobs(500, seed=3), "l2")
     words, paths, dists = cb.assign(test, chunk=128)
+    assert_same_as_reference(cb, test, chunk=128)
     ref_words, ref_paths = brute_force_walk(cb, test)
     np.testing.assert_array_equal(paths, ref_paths)
     np.testing.assert_array_equal(words, ref_words)
@@ -83,6 +146,7 @@ def test_flat_codebook_equals_faiss_exact_search():
     _, ref = index.search(x, 1)
     words, _, _ = cb.assign(x)
     np.testing.assert_array_equal(words, ref[:, 0])
+    assert_same_as_reference(cb, x, chunk=1000)
 
 
 def test_small_clusters_get_fewer_children_deterministically():
@@ -91,7 +155,7 @@ def test_small_clusters_get_fewer_children_deterministically():
     cb, _ = fit_codebook(x, cfg)
     counts = cb.levels[1]["num_children"]
     assert (counts <= 4).all() and (counts >= 1).all() and counts.min() < 4
-    words, _, _ = cb.assign(x)
+    words = assert_same_as_reference(cb, x)
     assert (words < 64).all()
     cb2, _ = fit_codebook(x, cfg)
     assert cb.fingerprint() == cb2.fingerprint()
@@ -105,6 +169,84 @@ def test_seed_determinism_and_backends():
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
     s, _ = fit_codebook(x, QuantizeConfig(k=5, levels=2, sample=1500, backend="sklearn"))
     assert [lv["centroids"].shape for lv in s.levels] == [lv["centroids"].shape for lv in a.levels]
+
+
+# --------------------------------------------------------------------------- fast assignment = the reference
+
+
+@pytest.mark.parametrize("k,levels,dim,normalize,chunk", [
+    (3, 3, 16, "l2", 32768), (4, 3, 16, "l2", 97), (12, 2, 64, "l2", 1000), (2, 6, 8, "none", 500),
+    (5, 2, 32, "none", 32768), (40, 1, 16, "none", 300),
+])
+def test_assign_matches_the_reference_walk(k, levels, dim, normalize, chunk):
+    x = normalize_rows(blobs(2000, dim=dim, seed=k + levels), normalize)
+    cb, _ = fit_codebook(x, QuantizeConfig(k=k, levels=levels, sample=2000, normalize=normalize))
+    test = normalize_rows(blobs(3000, dim=dim, seed=99) * (10.0 if normalize == "none" else 1.0), normalize)
+    assert_same_as_reference(cb, test, chunk)
+
+
+def integer_codebook(k, levels, dim, seed):
+    """A full tree of small-integer centroids (float32 arithmetic on them is exact, so scores tie exactly),
+    some siblings duplicated."""
+    rng = np.random.default_rng(seed)
+    tree, n_prev = [], 1
+    for l in range(levels):
+        n = n_prev * k
+        cents = rng.integers(-2, 3, (n, dim)).astype(np.float32)
+        cents[k - 1 :: k * 2] = cents[0 :: k * 2]  # every other node: its last child copies its first
+        tree.append({"centroids": cents, "parent": np.repeat(np.arange(n_prev), k),
+                     "child_index": np.tile(np.arange(k), n_prev)})
+        if l:
+            tree[l - 1].update(first_child=np.arange(n_prev) * k, num_children=np.full(n_prev, k))
+        n_prev = n
+    tree[-1].update(first_child=np.zeros(n_prev, np.int64), num_children=np.zeros(n_prev, np.int64))
+    return Codebook(k, tree, "none")
+
+
+@pytest.mark.parametrize("close_call", [None, 0.0, np.inf])
+def test_exact_ties_and_duplicate_centroids_match_the_reference(monkeypatch, close_call):
+    if close_call is not None:  # 0: only exact ties are re-scored; inf: every choice is
+        monkeypatch.setattr(kmeans, "_CLOSE_CALL", close_call)
+    for k, levels, dim in [(3, 3, 4), (4, 2, 2), (12, 2, 3)]:
+        cb = integer_codebook(k, levels, dim, seed=k)
+        x = np.random.default_rng(k).integers(-3, 4, (3000, dim)).astype(np.float32)
+        x = np.concatenate([x, cb.levels[-1]["centroids"], cb.levels[0]["centroids"] / 2])  # on and between words
+        words = assert_same_as_reference(cb, x, chunk=700)
+        d0 = cb.levels[0]["centroids"]
+        scores = (d0**2).sum(1)[None, :] - 2 * x @ d0.T
+        tied = (scores == scores.min(1, keepdims=True)).sum(1) > 1
+        assert tied.mean() > 0.2  # the data does exercise ties
+        np.testing.assert_array_equal(words // k ** (levels - 1), scores.argmin(1))  # the first child wins
+
+
+def test_near_ties_go_to_the_reference_and_clear_choices_do_not(monkeypatch):
+    calls = []
+    real = kmeans.nearest
+    monkeypatch.setattr(kmeans, "nearest", lambda *a, **kw: calls.append(len(a[0])) or real(*a, **kw))
+    x = normalize_rows(blobs(2000, dim=32, seed=12), "l2")
+    cb, _ = fit_codebook(x, QuantizeConfig(k=6, levels=3, sample=2000))
+    calls.clear()
+    cb.assign(x)
+    assert len(calls) < 20  # a few groups at most: no per-node loop
+    # points exactly halfway between two siblings: each is re-scored with its node's whole group
+    c = cb.levels[1]["centroids"]
+    mid = normalize_rows((c[0:1] + c[1:2]) / 2, "none").repeat(5, axis=0)
+    calls.clear()
+    assert_same_as_reference(cb, np.concatenate([x[:300], mid]))
+    assert calls
+
+
+def test_assign_in_small_pieces_matches_the_reference(monkeypatch):
+    # one row per root slice, one tile per product, tiles of 1 and 3 rows: every edge of the tiling
+    x = normalize_rows(blobs(1500, dim=16, seed=13), "l2")
+    cb, _ = fit_codebook(x, QuantizeConfig(k=5, levels=3, sample=1500))
+    for tile, small, batch, root in [(1, 1, 1, 1), (5, 3, 1, 64), (7, 2, 10_000, 4096)]:
+        monkeypatch.setattr(kmeans, "_TILE", tile)
+        monkeypatch.setattr(kmeans, "_SMALL_TILE", small)
+        monkeypatch.setattr(kmeans, "_BATCH_BYTES", batch)
+        monkeypatch.setattr(kmeans, "_ROOT_BYTES", root)
+        assert_same_as_reference(cb, x[:400], chunk=150)
+    assert [len(v) for v in cb.assign(x[:0])] == [0, 0, 0]
 
 
 # --------------------------------------------------------------------------- over shards

@@ -172,9 +172,9 @@ class Codebook:
 
         ``x`` must already be normalised like the training sample. Rows go ``chunk`` at a time;
         at each level a point takes the child of its node with the smallest ``|c|^2 - 2 x.c``
-        (first child on ties). Each level is scored for all points at once (module notes,
-        "Assignment"); close calls are re-scored exactly as the per-node walk over the chunk
-        scores them, so the words and paths are those of that walk, bit for bit.
+        (first child on ties). Each level is scored for the whole chunk at once (notes above
+        ``_TILE``); close calls are made again exactly as the per-node reference walk over the
+        same chunk makes them, so words and paths are that walk's; distances agree to rounding.
         """
         n = len(x)
         tables = self._assign_tables()
@@ -211,24 +211,25 @@ class Codebook:
 
 # --------------------------------------------------------------------------- assignment
 #
-# The per-node walk (tests/test_quantize.py keeps it as the reference) sorts a chunk's points
-# by node and scores each node's points against its children with one matrix product: a
-# Python loop over ~1,900 nodes per chunk for the 12^4 tree. Here a level is scored for the
-# whole chunk by stacked products instead: the points, sorted by node, are cut into tiles of
-# _TILE rows of one node (a node's last points in padded tiles of _SMALL_TILE rows) and
-# (tiles, rows, dim) @ (tiles, dim, children) runs in C, single-threaded (many small
-# products: BLAS threads only add synchronisation). The formula is the reference's,
-# |c|^2 - 2 x.c in float32 with the first child winning ties, but BLAS rounds a product
-# differently with its shape and thread count, so a score may differ from the reference's
-# in its last bits. A choice whose margin (second-best minus best score) is below
-# _CLOSE_CALL * sqrt(dim) * (|x| + largest child norm)^2, some 50 times that rounding, is
-# therefore scored again with the reference's own call on the node's whole group of points:
-# exact ties and near-ties get the reference's words, bit for bit.
+# The reference walk (kept in tests/test_quantize.py) sorts a chunk's points by node and
+# scores each node's points against its children with one product: a Python loop over
+# ~1,900 nodes per chunk for the 12^4 tree, and with 2 BLAS threads most of its time goes to
+# waking the second thread for each small product. Here a level is scored for the whole chunk at once: the
+# points, sorted by node, are cut into tiles of _TILE rows of one node (a node's last points
+# in padded tiles of _SMALL_TILE rows) and (tiles, rows, dim) @ (tiles, dim, children) runs
+# in C on one BLAS thread, in batches that stay in cache. The score is the reference's,
+# |c|^2 - 2 x.c in float32, first child on ties. But BLAS rounds a dot product differently
+# with the product's shape and thread count, so a score can differ from the reference's in
+# its last bits: by up to 2^-26.5 * sqrt(dim) * (|x| + |c|)^2 on the 12^4 tree at 1024-d.
+# A choice whose margin (second-best minus best score) is under _CLOSE_CALL times that
+# scale (2^-22: 11x the most that rounding was seen to move a margin) is therefore made
+# again by the reference's own call on the node's whole group of points, at the caller's
+# BLAS threads: exact ties, near-ties and NaN rows get the reference's words, bit for bit.
 
 _TILE, _SMALL_TILE = 32, 8  # rows per tile of the stacked products
-_BATCH_BYTES = 8 << 20  # gathered rows and children of one stacked product: small enough to stay in cache
-_ROOT_BYTES = 64 << 20  # root-level score matrix per slice (a flat codebook may have thousands of words)
-_CLOSE_CALL = 2.0**-21
+_BATCH_BYTES = 2 << 20  # gathered rows and children of one stacked product: small enough to stay in cache
+_ROOT_ROWS, _ROOT_BYTES = 512, 64 << 20  # rows per root-level product; its score matrix (a flat codebook may be large)
+_CLOSE_CALL = 2.0**-22
 _blas = None
 
 
@@ -257,21 +258,30 @@ def _children_table(cents: np.ndarray, first: np.ndarray, count: np.ndarray) -> 
 def _best_two(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Along the last axis: first index of the minimum, the minimum, and the gap to the second smallest."""
     j = d.argmin(axis=-1)
-    best = np.take_along_axis(d, j[..., None], axis=-1)[..., 0]
     if d.shape[-1] < 2:
-        return j, best, np.full_like(best, np.inf)
-    two = np.partition(d, 1, axis=-1)
-    return j, best, two[..., 1] - two[..., 0]
+        return j, d[..., 0], np.full(d.shape[:-1], np.inf, d.dtype)
+    two = np.partition(d, 1, axis=-1)  # a NaN row's margin is NaN: the caller re-scores it
+    return j, two[..., 0], two[..., 1] - two[..., 0]
 
 
 def _root_scores(xf: np.ndarray, t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cents, sq = t["c32"], t["sq_pad"][0]
     out = (np.empty(len(xf), np.int64), np.empty(len(xf), np.float32), np.empty(len(xf), np.float32))
-    step = max(1, _ROOT_BYTES // (4 * len(cents)))
+    step = max(1, min(_ROOT_ROWS, _ROOT_BYTES // (4 * len(cents))))
+    s = np.empty((min(step, len(xf)), len(cents)), np.float32)
     for a in range(0, len(xf), step):
-        for o, v in zip(out, _best_two(sq[None, :] - 2.0 * (xf[a : a + step] @ cents.T))):
+        sv = s[: len(xf[a : a + step])]
+        np.matmul(xf[a : a + step], cents.T, out=sv)
+        for o, v in zip(out, _best_two(_scores(sv, sq[None, :]))):
             o[a : a + step] = v
     return out
+
+
+def _scores(s: np.ndarray, c_sq: np.ndarray) -> np.ndarray:
+    """The reference's ``c_sq - 2.0 * s``, in place (the same float32 result: -2s is exact)."""
+    np.multiply(s, -2.0, out=s)
+    s += c_sq
+    return s
 
 
 def _tiles(order: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, size: int):
@@ -293,14 +303,20 @@ def _tiled_scores(xf: np.ndarray, node: np.ndarray, t: dict):
     start = np.cumsum(size) - size
     full = size // _TILE * _TILE
     out = (np.empty(len(xf), np.int64), np.empty(len(xf), np.float32), np.empty(len(xf), np.float32))
-    width = t["idx"].shape[1]
+    dim, width = xf.shape[1], t["idx"].shape[1]
     for seg_start, seg_len, rows_per_tile in ((start, full, _TILE), (start + full, size - full, _SMALL_TILE)):
         tp, rows, valid = _tiles(order, seg_start, seg_len, rows_per_tile)
-        per = max(1, _BATCH_BYTES // (4 * xf.shape[1] * (rows_per_tile + width)))
+        per = max(1, min(len(tp), _BATCH_BYTES // (4 * dim * (rows_per_tile + width))))
+        # Reused buffers: a fresh array per product costs page faults that take as long as the copy.
+        xb, cb = np.empty((per, rows_per_tile, dim), np.float32), np.empty((per, width, dim), np.float32)
+        sb = np.empty((per, rows_per_tile, width), np.float32)
         for b in range(0, len(tp), per):
             p, r, v = tp[b : b + per], rows[b : b + per], valid[b : b + per]
-            s = xf[r] @ t["c32"][t["idx"][p]].transpose(0, 2, 1)  # (tiles, rows, children)
-            got = _best_two(t["sq_pad"][p][:, None, :] - 2.0 * s)
+            xv, cv, sv = xb[: len(p)], cb[: len(p)], sb[: len(p)]
+            np.take(xf, r, axis=0, out=xv, mode="clip")  # "clip": an unbuffered copy (indices are valid)
+            np.take(t["c32"], t["idx"][p], axis=0, out=cv, mode="clip")
+            np.matmul(xv, cv.transpose(0, 2, 1), out=sv)  # (tiles, rows, children)
+            got = _best_two(_scores(sv, t["sq_pad"][p][:, None, :]))
             keep = r[v]
             for o, g in zip(out, got):
                 o[keep] = g[v]
