@@ -237,12 +237,11 @@ def test_near_ties_go_to_the_reference_and_clear_choices_do_not(monkeypatch):
 
 
 def test_assign_in_small_pieces_matches_the_reference(monkeypatch):
-    # one row per root slice, one tile per product, tiles of 1 and 3 rows: every edge of the tiling
+    # one row per root slice, one tile per product, tiles of 1 to 7 rows, everything at once: edges of the tiling
     x = normalize_rows(blobs(1500, dim=16, seed=13), "l2")
     cb, _ = fit_codebook(x, QuantizeConfig(k=5, levels=3, sample=1500))
-    for tile, small, batch, root in [(1, 1, 1, 1), (5, 3, 1, 64), (7, 2, 10_000, 4096)]:
-        monkeypatch.setattr(kmeans, "_TILE", tile)
-        monkeypatch.setattr(kmeans, "_SMALL_TILE", small)
+    for tiles, batch, root in [((1,), 1, 1), ((5, 3), 1, 64), ((7, 2), 10_000, 4096), ((64, 16, 4), 10**9, 10**9)]:
+        monkeypatch.setattr(kmeans, "_TILES", tiles)
         monkeypatch.setattr(kmeans, "_BATCH_BYTES", batch)
         monkeypatch.setattr(kmeans, "_ROOT_BYTES", root)
         assert_same_as_reference(cb, x[:400], chunk=150)

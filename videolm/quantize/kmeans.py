@@ -20,6 +20,8 @@ it gets one child equal to itself. Every leaf is therefore at depth ``levels``.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -173,21 +175,29 @@ class Codebook:
         ``x`` must already be normalised like the training sample. Rows go ``chunk`` at a time;
         at each level a point takes the child of its node with the smallest ``|c|^2 - 2 x.c``
         (first child on ties). Each level is scored for the whole chunk at once (notes above
-        ``_TILE``); close calls are made again exactly as the per-node reference walk over the
+        ``_TILES``); close calls are made again exactly as the per-node reference walk over the
         same chunk makes them, so words and paths are that walk's; distances agree to rounding.
         """
         n = len(x)
         tables = self._assign_tables()
         paths = np.zeros((n, self.depth), dtype=np.int16)
         dists = np.zeros((n, self.depth), dtype=np.float32)
-        for a in range(0, n, chunk):
-            xc = x[a : a + chunk]
-            xf = np.ascontiguousarray(xc, dtype=np.float32)
-            x_sq = np.einsum("ij,ij->i", xf, xf)
-            node = np.zeros(len(xc), dtype=np.int64)  # the virtual root's only "node"
+        node = np.zeros(n, dtype=np.int64)  # the virtual root's only "node"
+        x_sq = np.empty(n, np.float32)  # filled at the root level, slice by slice while in cache
+        spans = [slice(a, a + chunk) for a in range(0, n, chunk)]
+        workers = _workers()
+        with ThreadPoolExecutor(workers) as executor:  # per call: a pool kept across calls would not survive fork()
+            pool = (executor, workers)
             for l, level in enumerate(self.levels):
-                node, dists[a : a + len(xc), l] = _descend(xc, xf, x_sq, node, tables[l], root=l == 0)
-                paths[a : a + len(xc), l] = level["child_index"][node]
+                child, close = np.empty(n, np.int64), np.empty(n, bool)
+                for c in spans:
+                    child[c], dists[c, l], close[c] = _fast_level(x[c], x_sq[c], node[c], tables[l], l == 0, pool)
+                # Close calls after every chunk's fast pass: the reference's BLAS threads, left spinning after
+                # its products, then slow down the next level's products once rather than once per chunk.
+                for c in spans:
+                    _settle(x[c], node[c], tables[l], child[c], dists[c, l], close[c])
+                node = child
+                paths[:, l] = level["child_index"][node]
         k_pow = self.k ** np.arange(self.depth - 1, -1, -1, dtype=np.int64)
         words = (paths.astype(np.int64) * k_pow).sum(axis=1)
         return words.astype(np.int32), paths, dists
@@ -213,11 +223,12 @@ class Codebook:
 #
 # The reference walk (kept in tests/test_quantize.py) sorts a chunk's points by node and
 # scores each node's points against its children with one product: a Python loop over
-# ~1,900 nodes per chunk for the 12^4 tree, and with 2 BLAS threads most of its time goes to
-# waking the second thread for each small product. Here a level is scored for the whole chunk at once: the
-# points, sorted by node, are cut into tiles of _TILE rows of one node (a node's last points
-# in padded tiles of _SMALL_TILE rows) and (tiles, rows, dim) @ (tiles, dim, children) runs
-# in C on one BLAS thread, in batches that stay in cache. The score is the reference's,
+# ~1,900 nodes per chunk for the 12^4 tree, and with 2 BLAS threads much of its time goes to
+# handing each small product to the second thread. Here a level is scored for the whole
+# chunk at once: the points, sorted by node, are cut into tiles of one node's points (sizes
+# _TILES, biggest first; a node's last few points in a padded tile), and
+# (tiles, children, dim) @ (tiles, dim, rows) runs in C, in batches that stay in cache,
+# shared by a few threads with one BLAS thread each. The score is the reference's,
 # |c|^2 - 2 x.c in float32, first child on ties. But BLAS rounds a dot product differently
 # with the product's shape and thread count, so a score can differ from the reference's in
 # its last bits: by up to 2^-26.5 * sqrt(dim) * (|x| + |c|)^2 on the 12^4 tree at 1024-d.
@@ -226,10 +237,11 @@ class Codebook:
 # again by the reference's own call on the node's whole group of points, at the caller's
 # BLAS threads: exact ties, near-ties and NaN rows get the reference's words, bit for bit.
 
-_TILE, _SMALL_TILE = 32, 8  # rows per tile of the stacked products
+_TILES = (64, 16, 4)  # rows per tile of the stacked products: a node's points fill the biggest first
 _BATCH_BYTES = 2 << 20  # gathered rows and children of one stacked product: small enough to stay in cache
 _ROOT_ROWS, _ROOT_BYTES = 512, 64 << 20  # rows per root-level product; its score matrix (a flat codebook may be large)
 _CLOSE_CALL = 2.0**-22
+_MAX_WORKERS = 4
 _blas = None
 
 
@@ -240,6 +252,18 @@ def _one_blas_thread():
 
         _blas = ThreadpoolController()
     return _blas.limit(limits=1, user_api="blas")
+
+
+def _workers() -> int:
+    """Threads for the stacked products (each on one BLAS thread): the usable cores, at most _MAX_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(_MAX_WORKERS, cores))
+
+
+def _on_workers(pool: tuple[ThreadPoolExecutor, int], work) -> None:
+    """``work(w, n)`` on each worker w of the pool's n (each takes every n-th batch); errors are raised here."""
+    executor, n = pool
+    list(executor.map(work, range(n), [n] * n))
 
 
 def _children_table(cents: np.ndarray, first: np.ndarray, count: np.ndarray) -> dict[str, np.ndarray]:
@@ -255,25 +279,33 @@ def _children_table(cents: np.ndarray, first: np.ndarray, count: np.ndarray) -> 
             "idx": idx, "sq_pad": sq_pad, "norm": norm}
 
 
-def _best_two(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Along the last axis: first index of the minimum, the minimum, and the gap to the second smallest."""
-    j = d.argmin(axis=-1)
-    if d.shape[-1] < 2:
-        return j, d[..., 0], np.full(d.shape[:-1], np.inf, d.dtype)
-    two = np.partition(d, 1, axis=-1)  # a NaN row's margin is NaN: the caller re-scores it
-    return j, two[..., 0], two[..., 1] - two[..., 0]
+def _best_two(d: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Along ``axis``: first index of the minimum, the minimum, and the gap to the second smallest."""
+    j = d.argmin(axis=axis)
+    if d.shape[axis] < 2:
+        return j, d.min(axis=axis), np.full(j.shape, np.inf, d.dtype)
+    two = np.partition(d, 1, axis=axis)  # a NaN row's margin is NaN: the caller re-scores it
+    lo, hi = np.take(two, 0, axis=axis), np.take(two, 1, axis=axis)
+    return j, lo, hi - lo
 
 
-def _root_scores(xf: np.ndarray, t: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _root_scores(xf: np.ndarray, t: dict, x_sq: np.ndarray, pool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best child, its score and the margin for every row against the root's children; fills ``x_sq``."""
     cents, sq = t["c32"], t["sq_pad"][0]
     out = (np.empty(len(xf), np.int64), np.empty(len(xf), np.float32), np.empty(len(xf), np.float32))
     step = max(1, min(_ROOT_ROWS, _ROOT_BYTES // (4 * len(cents))))
-    s = np.empty((min(step, len(xf)), len(cents)), np.float32)
-    for a in range(0, len(xf), step):
-        sv = s[: len(xf[a : a + step])]
-        np.matmul(xf[a : a + step], cents.T, out=sv)
-        for o, v in zip(out, _best_two(_scores(sv, sq[None, :]))):
-            o[a : a + step] = v
+
+    def work(w, n):
+        s = np.empty((min(step, len(xf)), len(cents)), np.float32)
+        for a in range(w * step, len(xf), n * step):
+            xs = xf[a : a + step]
+            x_sq[a : a + step] = np.einsum("ij,ij->i", xs, xs)
+            sv = s[: len(xs)]
+            np.matmul(xs, cents.T, out=sv)
+            for o, v in zip(out, _best_two(_scores(sv, sq[None, :]))):
+                o[a : a + step] = v
+
+    _on_workers(pool, work)
     return out
 
 
@@ -296,49 +328,57 @@ def _tiles(order: np.ndarray, seg_start: np.ndarray, seg_len: np.ndarray, size: 
     return tp, order[np.minimum(pos, end - 1)], valid
 
 
-def _tiled_scores(xf: np.ndarray, node: np.ndarray, t: dict):
+def _tiled_scores(xf: np.ndarray, node: np.ndarray, t: dict, pool):
     """Best child, its score and the margin for every row, each row scored against its own node's children."""
     order = np.argsort(node, kind="stable")
     size = np.bincount(node, minlength=len(t["idx"]))  # points per parent
     start = np.cumsum(size) - size
-    full = size // _TILE * _TILE
     out = (np.empty(len(xf), np.int64), np.empty(len(xf), np.float32), np.empty(len(xf), np.float32))
+    classes, done = [], np.zeros_like(size)
+    for n, rows_per_tile in enumerate(_TILES):  # big tiles first; the last size takes the rest, padded
+        take = size - done if n == len(_TILES) - 1 else (size - done) // rows_per_tile * rows_per_tile
+        classes.append((rows_per_tile, *_tiles(order, start + done, take, rows_per_tile)))
+        done = done + take
+    _on_workers(pool, lambda w, n: _score_tiles(xf, t, classes, out, w, n))
+    return out
+
+
+def _score_tiles(xf: np.ndarray, t: dict, classes: list, out: tuple, w: int, n: int) -> None:
+    """Worker ``w`` of ``n``: every n-th batch of tiles of each size, scored into ``out``."""
     dim, width = xf.shape[1], t["idx"].shape[1]
-    for seg_start, seg_len, rows_per_tile in ((start, full, _TILE), (start + full, size - full, _SMALL_TILE)):
-        tp, rows, valid = _tiles(order, seg_start, seg_len, rows_per_tile)
+    for rows_per_tile, tp, rows, valid in classes:
         per = max(1, min(len(tp), _BATCH_BYTES // (4 * dim * (rows_per_tile + width))))
         # Reused buffers: a fresh array per product costs page faults that take as long as the copy.
         xb, cb = np.empty((per, rows_per_tile, dim), np.float32), np.empty((per, width, dim), np.float32)
-        sb = np.empty((per, rows_per_tile, width), np.float32)
-        for b in range(0, len(tp), per):
+        sb = np.empty((per, width, rows_per_tile), np.float32)
+        for b in range(w * per, len(tp), n * per):
             p, r, v = tp[b : b + per], rows[b : b + per], valid[b : b + per]
             xv, cv, sv = xb[: len(p)], cb[: len(p)], sb[: len(p)]
             np.take(xf, r, axis=0, out=xv, mode="clip")  # "clip": an unbuffered copy (indices are valid)
             np.take(t["c32"], t["idx"][p], axis=0, out=cv, mode="clip")
-            np.matmul(xv, cv.transpose(0, 2, 1), out=sv)  # (tiles, rows, children)
-            got = _best_two(_scores(sv, t["sq_pad"][p][:, None, :]))
+            np.matmul(cv, xv.transpose(0, 2, 1), out=sv)  # (tiles, children, rows): faster than rows-first
+            got = _best_two(_scores(sv, t["sq_pad"][p][:, :, None]), axis=1)
             keep = r[v]
             for o, g in zip(out, got):
                 o[keep] = g[v]
-    return out, (order, start, size)
 
 
-def _descend(xc: np.ndarray, xf: np.ndarray, x_sq: np.ndarray, node: np.ndarray, t: dict, root: bool):
-    """One level for a chunk: (each row's child node, squared distance to it)."""
+def _fast_level(xc: np.ndarray, x_sq: np.ndarray, node: np.ndarray, t: dict, root: bool, pool):
+    """One level's choices for a chunk from the stacked products: (child, distance, is it a close call)."""
+    xf = np.ascontiguousarray(xc, dtype=np.float32)
     with _one_blas_thread():
-        if root:
-            (j, best, margin), groups = _root_scores(xf, t), None
-        else:
-            (j, best, margin), groups = _tiled_scores(xf, node, t)
-    child = t["first"][node] + j
-    dist = np.maximum(best + x_sq, 0.0)
+        j, best, margin = _root_scores(xf, t, x_sq, pool) if root else _tiled_scores(xf, node, t, pool)
     tau = _CLOSE_CALL * np.sqrt(xf.shape[1]) * (np.sqrt(x_sq) + t["norm"][node]) ** 2
-    for p in np.unique(node[~(margin > tau)]):  # close calls (and NaN): the reference's own call
-        rows = np.arange(len(xc)) if groups is None else groups[0][groups[1][p] : groups[1][p] + groups[2][p]]
+    return t["first"][node] + j, np.maximum(best + x_sq, 0.0), ~(margin > tau)  # NaN margins: close
+
+
+def _settle(xc: np.ndarray, node: np.ndarray, t: dict, child: np.ndarray, dist: np.ndarray, close: np.ndarray):
+    """Close calls made again, in place, by the reference's own call on their node's whole group in the chunk."""
+    for p in np.unique(node[close]):
+        rows = np.flatnonzero(node == p)  # ascending, as the reference's stable sort orders them
         lo, hi = int(t["first"][p]), int(t["first"][p] + t["count"][p])
         j, d = nearest(xc[rows], t["centroids"][lo:hi], t["sq"][lo:hi])
         child[rows], dist[rows] = lo + j, d
-    return child, dist
 
 
 def _children_of(points: np.ndarray, k: int, cfg: QuantizeConfig, seed: int, fallback: np.ndarray) -> np.ndarray:
