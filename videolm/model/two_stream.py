@@ -105,7 +105,7 @@ class TwoStreamModel(nn.Module):
         text_h = self.encode_text(inputs["text_ids"], tm)
         video_h = self.encode_video(vm, inputs.get("video"), inputs.get("video_tokens"))
         ct, cv, pooled = self.cross(text_h, tm, video_h, vm)
-        return VideoTextOutput(cross_text=ct, cross_video=cv, clips=cv, pooled=pooled, text=text_h, video=video_h)
+        return VideoTextOutput(cross_text=ct, cross_video=cv, clips=cv, pooled=pooled)
 
     def pair_pooled(self, inputs: dict, text_idx: torch.Tensor, video_idx: torch.Tensor,
                     sides: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

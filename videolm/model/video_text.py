@@ -107,8 +107,6 @@ class VideoTextOutput:
     cross_video: torch.Tensor  # (B, T, H) clip states of the cross-modal pass (hierarchical: the local level)
     clips: torch.Tensor | None  # (B, T, H) the clip states clip-level objectives read (hierarchical: global level)
     pooled: torch.Tensor | None = None  # (B, H) the pair's pooled state (align); None where there is none
-    text: torch.Tensor | None = None  # (B, L, H) text encoder alone (two_stream)
-    video: torch.Tensor | None = None  # (B, T, H) visual encoder alone (two_stream)
 
 
 class JointSpace(nn.Module):

@@ -35,7 +35,6 @@ from ..model.text import _quietly, load_tokenizer
 from ..model.univl_checkpoint import check_state_fits, map_univl_state, read_univl_state, univl_sizes
 from ..model.video_text import ModelConfig, build_model
 from .checkpoint import checkpoint_dir, save_checkpoint
-from .dataset import DataConfig
 from .objectives import TextVocab, build_objective
 from .recipe import PretrainConfig, recipe_from_dict, save_recipe
 from .run import task_key
@@ -163,5 +162,4 @@ def _recipe(mcfg: ModelConfig, sizes: dict) -> PretrainConfig:
                   and (k != "caption" or sizes["decoder_layers"])}
     cfg = recipe_from_dict({"data": {"mode": "segment", "max_frames": mcfg.max_frames, "min_segment_seconds": 5.0},
                             "train": {"lr": 1e-4, "text_lr_scale": 0.1}, "mixing": "sum", "objectives": objectives})
-    return PretrainConfig(DataConfig(mode="segment", max_frames=mcfg.max_frames, min_segment_seconds=5.0), mcfg,
-                          cfg.train, cfg.stages)
+    return PretrainConfig(cfg.data, mcfg, cfg.train, cfg.stages)
