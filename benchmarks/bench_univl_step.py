@@ -23,6 +23,10 @@ texts, clips and masks, its text corrupted at 15% and 15% of its clips masked.
   pairs + B again for the decoder = 288 at B = 16; videolm: B masked + B x (1 + 2k)
   pairs = 288 at k = 8); ``videolm`` is the recipe's default ``negatives: 3``.
 
+``gflops_per_step``: one step's forward and backward counted by torch's
+``FlopCounterMode`` (matmuls and attention; the optimiser adds none), on the first
+batch; ``flops_ratio_equal_work = videolm_equal_work / univl`` (target <= 1).
+
 Rounds alternate the four modes (order flipped every round); medians over rounds
 of the per-run median step. ``ratio_equal_work = videolm_equal_work / univl`` and
 ``ratio_defaults = videolm / univl_fixed_padding``.
@@ -125,6 +129,28 @@ def time_videolm(run, batches) -> float:
     return statistics.median(times[1:] if len(times) > 2 else times)
 
 
+def step_gflops(fn) -> float:
+    """Forward + backward FLOPs of one step (torch's FlopCounterMode: matmuls, attention, convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def univl_step(model, batch, fixed: bool):
+    model.train()
+    model(**univl_inputs(batch, fixed, 0)).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def videolm_step(run, batch):
+    from videolm.pretrain.trainer import train_step
+
+    run.runner.train()
+    train_step(run, 0, iter([batch]))
+
+
 def main() -> int:
     import torch
 
@@ -155,6 +181,10 @@ def main() -> int:
               "univl_fixed_padding": lambda: time_univl(univl, batches, fixed=True),
               "videolm": lambda: time_videolm(runs["videolm"], batches),
               "videolm_equal_work": lambda: time_videolm(runs["videolm_equal_work"], batches)}
+    flops = {"univl": step_gflops(lambda: univl_step(univl, batches[0], False)),
+             "univl_fixed_padding": step_gflops(lambda: univl_step(univl, batches[0], True)),
+             "videolm": step_gflops(lambda: videolm_step(runs["videolm"], batches[0])),
+             "videolm_equal_work": step_gflops(lambda: videolm_step(runs["videolm_equal_work"], batches[0]))}
     results = {k: [] for k in timers}
     for r in range(args.rounds):
         for name in (list(timers) if r % 2 == 0 else list(reversed(timers))):
@@ -162,7 +192,8 @@ def main() -> int:
             log(f"round {r} {name}: {results[name][-1]:.3f} s/step")
     med = {k: statistics.median(v) for k, v in results.items()}
     out = {"size": SIZE, "batch": BATCH, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-           "median_step_s": med, "runs_s": results,
+           "median_step_s": med, "runs_s": results, "gflops_per_step": {k: round(v, 1) for k, v in flops.items()},
+           "flops_ratio_equal_work": round(flops["videolm_equal_work"] / flops["univl"], 3),
            "ratio_equal_work": med["videolm_equal_work"] / med["univl"],
            "ratio_defaults": med["videolm"] / med["univl_fixed_padding"],
            "targets": {"ratio_equal_work": 0.6, "ratio_defaults": 0.45}, "checkout": str(checkout)}

@@ -76,6 +76,9 @@ def _add_extract(sub):
     g.add_argument("--crop", type=int, help="centre crop size (0: none)")
     g = p.add_argument_group("job")
     g.add_argument("--backend", choices=["av", "decord"], help="video decoder (default av)")
+    g.add_argument("--decode", choices=["exact", "sparse"],
+                   help="exact (default): each sample is the frame on screen at its time; sparse (av only): "
+                        "never decode non-reference frames, a sample on one shows the frame before it")
     g.add_argument("--shard-size", type=int, help="videos per shard (default 500)")
     g.add_argument("--num-nodes", type=int, default=int(os.environ.get("VIDEOLM_NUM_NODES", 1)),
                    help="machines sharing the job (default 1, or $VIDEOLM_NUM_NODES)")
@@ -98,7 +101,7 @@ def _default_rank() -> int:
 
 
 _EXTRACT_FLAGS = ("encoder", "weights", "device", "batch_size", "fps", "frames_per_clip", "clip_stride",
-                  "short_side", "crop", "backend", "shard_size", "workers", "threads", "timeout")
+                  "short_side", "crop", "backend", "decode", "shard_size", "workers", "threads", "timeout")
 
 
 def _cmd_extract(args) -> int:

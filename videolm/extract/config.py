@@ -61,6 +61,10 @@ class ExtractConfig:
     encoder: str = "pixels"
     weights: str | None = None
     backend: str = "av"
+    # exact: a sample shows the frame on screen at its time. sparse: non-reference
+    # frames are never decoded (faster with B-frames; a sample may move to the
+    # frame before it). Part of what fixes a shard's contents.
+    decode: str = "exact"
     fps: float | None = None
     frames_per_clip: int | None = None
     clip_stride: float | None = None
@@ -76,6 +80,10 @@ class ExtractConfig:
     def __post_init__(self):
         if self.backend not in ("av", "decord"):
             raise ConfigError(f"backend must be 'av' or 'decord', got {self.backend!r}")
+        if self.decode not in ("exact", "sparse"):
+            raise ConfigError(f"decode must be 'exact' or 'sparse', got {self.decode!r}")
+        if self.decode == "sparse" and self.backend != "av":
+            raise ConfigError("decode: sparse needs backend: av (decord cannot skip frames)")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ConfigError("shard_size and batch_size must be >= 1")
         if self.workers < 0 or self.threads < 0:

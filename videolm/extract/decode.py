@@ -16,7 +16,13 @@ Two interchangeable backends, ``av`` (PyAV) and ``decord``, share one planner:
    the video; a video shorter than one clip still gives one clip, padded with
    its last frame;
 3. frames are decoded in windows of clips and only the sampled frames are
-   converted to RGB and resized, which is most of the cost of decoding.
+   converted to RGB and resized. With PyAV, a frame no clip samples is not even
+   decoded when the codec marks it as one no other frame refers to (H.264/HEVC
+   non-reference B-frames): the decoder is told to drop it (``skip_frame``), set
+   packet by packet, so every sampled frame is still bit-identical to a full
+   decode. ``mode="sparse"`` drops every non-reference frame, sampled or not, and
+   a sample that lands on one shows the last decoded frame before it instead:
+   faster on streams with B-frames, the same on streams without them.
 
 Only a window of clips is ever held in memory, so long videos stay bounded.
 Every failure becomes a ``DecodeError`` that names the file and the reason.
@@ -34,6 +40,7 @@ from .config import SamplingSpec
 from ..errors import VideolmError
 
 BACKENDS = ("av", "decord")
+DECODE_MODES = ("exact", "sparse")
 
 
 class DecodeError(VideolmError, RuntimeError):
@@ -211,18 +218,33 @@ def _check_declared_length(path: str, times: np.ndarray, declared_frames: int, d
         )
 
 
-def _iter_decoded(path: str, threads: int):
-    """Yield decoded video frames in presentation order, skipping undecodable packets."""
+def _iter_decoded(path: str, threads: int, keep_pts: set[int] | None = None, sparse: bool = False):
+    """Yield decoded video frames in presentation order, skipping undecodable packets.
+
+    ``keep_pts``: the frames wanted; any other frame the codec marks as
+    non-reference is dropped by the decoder, since no frame depends on it.
+    ``sparse``: drop every non-reference frame.
+    """
     import av
 
     container, stream = _open_av(path)
     stream.thread_type = "AUTO" if threads != 1 else "SLICE"
     if threads > 0:
         stream.codec_context.thread_count = threads
+    ctx = stream.codec_context
+    if sparse:
+        ctx.skip_frame = "NONREF"
+    setting = "DEFAULT"
     errors = packets = 0
     try:
         for packet in container.demux(stream):
             packets += 1
+            if keep_pts is not None and not sparse:
+                # Read per packet (frame threads copy it when the packet is submitted),
+                # so a wanted frame is always decoded in full.
+                want = "DEFAULT" if packet.pts is None or packet.pts in keep_pts else "NONREF"
+                if want != setting:
+                    ctx.skip_frame = setting = want
             try:
                 frames = packet.decode()
             except av.error.FFmpegError:
@@ -239,10 +261,12 @@ def _iter_decoded(path: str, threads: int):
 
 
 class _AvBackend:
-    def __init__(self, path: str, spec: SamplingSpec, threads: int, probe: _Probe | None = None):
+    def __init__(self, path: str, spec: SamplingSpec, threads: int, probe: _Probe | None = None,
+                 mode: str = "exact", skip_unsampled: bool = True):
         from av.video.reformatter import VideoReformatter
 
         self.path, self.spec, self.threads = path, spec, threads
+        self.sparse, self.skip_unsampled = mode == "sparse", skip_unsampled
         probe = probe or _av_probe(path)
         self.width, self.height, self.tb = probe.width, probe.height, probe.time_base
         self.by_count = False
@@ -254,6 +278,7 @@ class _AvBackend:
             self.times, self.first_pts = probe.times, int(probe.pts[0])
             self.time_zero = self.first_pts * self.tb
             self.index_of = {int(p): k for k, p in enumerate(probe.pts)}
+        self.pts = None if probe.times is None else probe.pts
         # One reformatter for the whole video: building a scaler per frame cost ~0.7 ms
         # per sampled frame, more than decoding it.
         self._reformatter = VideoReformatter()
@@ -289,22 +314,28 @@ class _AvBackend:
         n_clips = len(plan.starts)
         # Overlapping clips in the next window may sample frames between this window's
         # samples, so every frame any clip samples is converted (once) as it passes.
-        wanted = set(np.unique(plan.frame_index).tolist())
-        w0, got, last_rgb, last_idx = 0, {}, None, -1
+        wanted_sorted = np.unique(plan.frame_index)
+        wanted = set(wanted_sorted.tolist())
+        keep_pts = None
+        if self.skip_unsampled and self.pts is not None and not self.by_count:
+            keep_pts = {int(self.pts[i]) for i in wanted}
+        w0, got, last_rgb, last_idx, prev = 0, {}, None, -1, None
         top = int(plan.frame_index[:window].max())
-        for count, frame in enumerate(_iter_decoded(self.path, self.threads)):
-            # Matched by timestamp, not by count: a damaged packet may drop a frame.
-            k = self.index_of.get(frame.pts, -1) if frame.pts is not None else -1
-            if self.by_count:
-                k = count
-            elif k < 0:
-                t = self._frame_time(frame)
-                if t is None:
-                    continue
-                k = int(np.searchsorted(self.times, t + 1e-6, side="right") - 1)
+        decoded = _iter_decoded(self.path, self.threads, keep_pts, self.sparse)
+        for count, frame in enumerate(decoded):
+            k = self._frame_index(frame, count)
             if k < 0 or k <= last_idx:
                 continue
-            last_idx = k
+            if self.sparse and prev is not None:
+                # Samples on frames the decoder dropped show the last frame it kept.
+                skipped = wanted_sorted[np.searchsorted(wanted_sorted, last_idx, "right"):
+                                        np.searchsorted(wanted_sorted, k, "left")]
+                if len(skipped):
+                    rgb = got.get(last_idx)
+                    rgb = self._to_rgb(prev, size) if rgb is None else rgb
+                    got.update((int(i), rgb) for i in skipped)
+                    last_rgb = rgb
+            last_idx, prev = k, frame
             if k in wanted:
                 last_rgb = got[k] = self._to_rgb(frame, size)
             while k >= top:
@@ -315,11 +346,28 @@ class _AvBackend:
                 lo = int(plan.frame_index[w0 : w0 + window].min())
                 got = {i: v for i, v in got.items() if i >= lo}
                 top = int(plan.frame_index[w0 : w0 + window].max())
+        tail = wanted_sorted[wanted_sorted > last_idx]
+        if self.sparse and prev is not None and len(tail):  # the last samples fell on dropped frames
+            last_rgb = got[last_idx] if last_idx in got else self._to_rgb(prev, size)
+            got.update((int(i), last_rgb) for i in tail)
         if last_rgb is None:
             raise DecodeError(self.path, "no decodable video frames")
         while w0 < n_clips:  # the stream ended early (truncated file): pad with the last frame
             yield w0, _fill(got, plan.frame_index[w0 : w0 + window], last_rgb)
             w0 += window
+
+    def _frame_index(self, frame, count: int) -> int:
+        """Position of a decoded frame on the planned time line; -1 when it has no time."""
+        if self.by_count:
+            return count
+        # Matched by timestamp, not by count: a damaged packet may drop a frame.
+        k = self.index_of.get(frame.pts, -1) if frame.pts is not None else -1
+        if k >= 0:
+            return k
+        t = self._frame_time(frame)
+        if t is None:
+            return -1
+        return int(np.searchsorted(self.times, t + 1e-6, side="right") - 1)
 
     def _frame_time(self, frame) -> float | None:
         """Seconds since the first frame, on the same clock as ``self.times``."""
@@ -393,15 +441,22 @@ def iter_clips(
     backend: str = "av",
     window: int = 16,
     threads: int = 0,
+    mode: str = "exact",
 ) -> Iterator[ClipBatch]:
     """Yield clips of ``path`` in windows of at most ``window`` clips.
 
-    ``threads``: decoder threads (0 = let the decoder choose).
+    ``threads``: decoder threads (0 = let the decoder choose). ``mode``: ``exact``
+    (every sample shows the frame on screen at its time) or ``sparse`` (PyAV only:
+    non-reference frames are never decoded; see the module docstring).
     Raises ``DecodeError`` for missing, empty, corrupt or audio-only files.
     """
     path = str(path)
+    if mode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(DECODE_MODES)}")
+    if mode == "sparse" and backend != "av":
+        raise ValueError("sparse decoding needs the av backend: decord cannot skip frames")
     if backend == "av":
-        impl = _AvBackend(path, spec, threads)
+        impl = _AvBackend(path, spec, threads, mode=mode)
     elif backend == "decord":
         impl = _open_decord(path, spec, threads)
     else:

@@ -222,7 +222,7 @@ def _start_decoders(cfg: ExtractConfig, videos: int) -> DecoderPool | None:
     """Decoder processes for ``videos`` videos, or None to decode in this process (--workers 0, or nothing to do)."""
     if not cfg.workers or not videos:
         return None
-    return DecoderPool(min(cfg.workers, videos), cfg.backend, cfg.threads, cfg.timeout)
+    return DecoderPool(min(cfg.workers, videos), cfg.backend, cfg.threads, cfg.timeout, mode=cfg.decode)
 
 
 def _shard_entries(entries: list[VideoEntry], shard: int, shard_size: int) -> list[VideoEntry]:
@@ -237,7 +237,7 @@ def _shard_videos(entries: list[VideoEntry], shard: int, shard_size: int) -> lis
 def _directory_key(cfg: ExtractConfig, dim: int, sampling: SamplingSpec, manifest_sha: str, split: str | None,
                    num_videos: int) -> dict:
     """What every shard of the directory must share; recorded in extract_config.json."""
-    return {
+    key = {
         "encoder": cfg.encoder,
         "weights": cfg.weights,
         "sampling": dataclasses.asdict(sampling),
@@ -247,6 +247,9 @@ def _directory_key(cfg: ExtractConfig, dim: int, sampling: SamplingSpec, manifes
         "shard_size": cfg.shard_size,
         "num_videos": num_videos,
     }
+    if cfg.decode != "exact":  # absent for exact, so directories made before the option still resume
+        key["decode"] = cfg.decode
+    return key
 
 
 def _shard_attrs(cfg: ExtractConfig, sampling: SamplingSpec, num_shards: int, manifest: str | os.PathLike,
@@ -322,7 +325,8 @@ class _Pipeline:
         sink = _CallbackConn(self._on_message)
         for i, v in enumerate(self.queue):
             self.by_id[v.entry.video_id] = i
-            decode_video(sink, v.entry.video_id, v.entry.path, self.sampling, self.cfg.backend, self.cfg.threads)
+            decode_video(sink, v.entry.video_id, v.entry.path, self.sampling, self.cfg.backend, self.cfg.threads,
+                         self.cfg.decode)
 
     def _on_message(self, msg):
         self._receive(msg)

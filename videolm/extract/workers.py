@@ -30,11 +30,12 @@ from .config import SamplingSpec
 from .decode import DecodeError, iter_clips
 
 
-def decode_video(conn: Connection, video_id: str, path: str, spec: SamplingSpec, backend: str, threads: int):
+def decode_video(conn: Connection, video_id: str, path: str, spec: SamplingSpec, backend: str, threads: int,
+                 mode: str = "exact"):
     """Decode one video and stream its clips over ``conn`` (used in and out of workers)."""
     try:
         duration = 0.0
-        for batch in iter_clips(path, spec, backend=backend, threads=threads):
+        for batch in iter_clips(path, spec, backend=backend, threads=threads, mode=mode):
             conn.send(("clips", video_id, batch))
             duration = batch.duration
         conn.send(("done", video_id, duration))
@@ -69,8 +70,8 @@ class DecoderPool:
     """``submit`` videos, then ``poll`` for messages; at most one video per worker."""
 
     def __init__(self, num_workers: int, backend: str, threads: int, timeout: float,
-                 recycle_after: int = RECYCLE_AFTER):
-        self.backend, self.threads, self.timeout = backend, threads, timeout
+                 recycle_after: int = RECYCLE_AFTER, mode: str = "exact"):
+        self.backend, self.threads, self.timeout, self.mode = backend, threads, timeout, mode
         self.recycle_after = recycle_after  # 0: never
         self.started = 0  # processes started, replacements included
         self._retired: list[_Worker] = []  # told to exit, not yet joined
@@ -99,7 +100,7 @@ class DecoderPool:
         worker = next(w for w in self._workers if w.video_id is None)
         worker.video_id = video_id
         worker.last_seen = time.monotonic()
-        worker.conn.send((video_id, path, spec, self.backend, self.threads))
+        worker.conn.send((video_id, path, spec, self.backend, self.threads, self.mode))
 
     def poll(self, wait_s: float) -> list[tuple]:
         """Messages ready within ``wait_s`` seconds; hung or dead workers become errors."""
