@@ -16,6 +16,10 @@ timings taken in the same run:
 * ``metrics``: ranks + ``summarize`` for 10,000 queries x 10,000 videos, each method
   in a fresh subprocess (time and peak memory): ``search(mode="exact")``, chunked
   ``ranks_from_scores`` alone, and a naive full-matrix argsort.
+* ``index_cache``: ``evaluate_embeddings`` (what ``eval-retrieval`` runs after encoding:
+  both directions' search, ranks, metrics) on the search part's data with an empty
+  index cache (builds and saves), then again (reads the saved indexes), per cached mode
+  (faiss-ivf, faiss-hnsw); ``ratio_warm_over_cold`` = warm seconds / cold seconds.
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 
 import numpy as np
 
 import videolm.retrieval.search as vsearch
+from videolm.retrieval.evaluate import EvalConfig, evaluate_embeddings
+from videolm.retrieval.index_cache import CACHED_SEARCH_MODES, IndexCache
 from videolm.retrieval.metrics import GroundTruth, ranks_from_scores, summarize
+from videolm.retrieval.queries import QuerySet
 from videolm.retrieval.search import SearchConfig, search
 
 GIB = 2**30
@@ -130,6 +138,11 @@ def install_index_cache() -> None:
     vsearch.build_index = cached  # search() looks build_index up in its module at each call
 
 
+def search_config(args, mode: str) -> SearchConfig:
+    return SearchConfig(mode=mode, k=args.k, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
+                        ef_construction=args.ef_construction, ef_search=args.ef_search)
+
+
 def quality(top_ids: np.ndarray, exact_ids: np.ndarray, ranks: np.ndarray) -> dict:
     overlap = (top_ids[:, :, None] == exact_ids[:, None, :]).any(2).sum(1)
     return {"top1_agreement": _r(np.mean(top_ids[:, 0] == exact_ids[:, 0])),
@@ -142,9 +155,7 @@ def search_benchmark(args) -> dict:
     gallery = unit_gallery(args.gallery, args.dim, seed=0)
     queries, targets = noisy_queries(gallery, args.queries, args.noise, seed=1)
     gt = GroundTruth.single(targets)
-    cfgs = {m: SearchConfig(mode=m, k=args.k, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
-                            ef_construction=args.ef_construction, ef_search=args.ef_search)
-            for m in MODES if m in args.modes}
+    cfgs = {m: search_config(args, m) for m in MODES if m in args.modes}
     install_index_cache()
     res: dict = {"data": f"gallery rng(0) N(0,1) {args.gallery} x {args.dim} float32, rows L2-normalised; "
                          f"queries: {args.queries} gallery rows (rng(1)) + noise {args.noise}, renormalised",
@@ -301,6 +312,38 @@ def metrics_benchmark(args) -> dict:
     return res
 
 
+# --------------------------------------------------------------------------- index cache
+
+
+def index_cache_benchmark(args) -> dict:
+    """Eval scoring with a cold index cache, then a warm one: what a second eval-retrieval of a checkpoint saves."""
+    gallery = unit_gallery(args.gallery, args.dim, seed=0)
+    queries, targets = noisy_queries(gallery, args.queries, args.noise, seed=1)
+    keys = [f"q{i}" for i in range(len(queries))]
+    qs = QuerySet([f"v{i}" for i in range(len(gallery))], keys, keys, targets)
+    res: dict = {"data": "the search part's gallery and queries (one query per planted target)",
+                 "eval_config": "EvalConfig(search=<the search part's config>, bootstrap=200); no encoding"}
+    for m in [m for m in CACHED_SEARCH_MODES if m in args.modes]:
+        cfg = EvalConfig(search=search_config(args, m), bootstrap=200)
+        runs = {}
+        with tempfile.TemporaryDirectory() as d:
+            for name in ("cold", "warm"):
+                log(f"index_cache: {m}, {name} cache")
+                t0 = time.perf_counter()
+                part, results = evaluate_embeddings(qs, queries, gallery, cfg, cache=IndexCache(d))
+                runs[name] = {"s": time.perf_counter() - t0, "t2v": results["t2v"].index,
+                              "ranks": [part[x]["per_query"]["ranks"] for x in ("t2v", "v2t")]}
+            index_bytes = os.path.getsize(runs["cold"]["t2v"]["file"])
+        cold, warm = runs["cold"], runs["warm"]
+        res[m] = {"cold_s": _r(cold["s"], 3), "warm_s": _r(warm["s"], 3),
+                  "ratio_warm_over_cold": _r(warm["s"] / cold["s"]),
+                  "t2v_index_cold": {k: _r(cold["t2v"].get(k), 3) for k in ("key_s", "build_s", "save_s")},
+                  "t2v_index_warm": {k: _r(warm["t2v"].get(k), 3) for k in ("key_s", "load_s")},
+                  "warm_reused": warm["t2v"]["status"] == "reused", "t2v_index_bytes": index_bytes,
+                  "same_ranks": cold["ranks"] == warm["ranks"]}
+    return res
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -323,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metric-n", type=int, help="queries = videos for the metrics part (default 10000; quick 2000)")
     ap.add_argument("--metric-noise", type=float, default=5.0, help="query noise in the metrics part")
     ap.add_argument("--repeats", type=int, help="timing rounds, median reported (default 3; quick 1)")
-    ap.add_argument("--parts", default="search,metrics")
+    ap.add_argument("--parts", default="search,metrics,index_cache")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -351,6 +394,8 @@ def main(argv=None) -> int:
         result["search"] = search_benchmark(args)
     if "metrics" in parts:
         result["metrics"] = metrics_benchmark(args)
+    if "index_cache" in parts:
+        result["index_cache"] = index_cache_benchmark(args)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result, indent=2))

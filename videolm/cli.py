@@ -288,6 +288,9 @@ def _add_eval(sub):
     p.add_argument("--search-k", type=int, default=100, help="candidates a faiss index returns per query (default 100)")
     p.add_argument("--nprobe", type=int, default=32, help="faiss-ivf: cells visited per query (default 32)")
     p.add_argument("--ef-search", type=int, default=128, help="faiss-hnsw: candidates explored per query (default 128)")
+    p.add_argument("--index-cache", default="auto", choices=["auto", "off", "rebuild"],
+                   help="faiss-ivf/hnsw: auto (default) reuses an index saved in FEATURES/indexes for the very same "
+                        "gallery vectors, else builds and saves it; off: build, save nothing; rebuild: build and save")
     p.add_argument("--rerank-top", type=int, default=0, metavar="K",
                    help="re-rank each query's top K with the cross encoder's alignment score (default 0: off)")
     p.add_argument("--dsl", action="store_true", help="dual softmax over queries (off by default; recorded in the report)")
@@ -313,7 +316,8 @@ def _cmd_eval(args) -> int:
     search = SearchConfig(mode=args.search, k=args.search_k, nprobe=args.nprobe, ef_search=args.ef_search,
                           dsl=args.dsl)
     cfg = EvalConfig(split=args.split, query_mode=args.query_mode, search=search, rerank_top=args.rerank_top,
-                     batch_size=args.batch_size, device=args.device, bootstrap=args.bootstrap, seed=args.seed)
+                     batch_size=args.batch_size, device=args.device, bootstrap=args.bootstrap, seed=args.seed,
+                     index_cache=args.index_cache)
     out = Path(args.out)
     stem = out.with_suffix("")
     rankings = Path(args.rankings) if args.rankings else Path(f"{stem}.rankings.jsonl")

@@ -20,6 +20,9 @@ _SHARD_GLOB = _SHARD_PREFIX + "[0-9]" * _SHARD_DIGITS
 _TOKENS_SUFFIX = ".tokens.h5"
 CODEBOOK_NAME = "codebook.h5"
 EXTRACT_CONFIG_NAME = "extract_config.json"  # what the shards hold; written once by the extract job
+# Saved faiss indexes of eval-retrieval (retrieval/index_cache.py owns the files inside); not
+# features, so verify and the jobs that write shards leave this folder alone.
+INDEX_CACHE_DIR = "indexes"
 # Marks in the name of a file that is not published. A partial is resumable (its
 # tag ties it to its inputs), a temporary file is thrown away, and a set-aside file
 # is a damaged shard the extract job moved out of the way before redoing it.

@@ -308,6 +308,20 @@ class FeatureStore:
     def video_ids(self) -> list[str]:
         return list(self._where)
 
+    def fingerprint(self) -> str:
+        """sha256 naming the directory's content, from what its files record (no feature is read).
+
+        Per shard: name, size and the sha256 checksums written with it (its mtime for a
+        shard written before checksums existed); and the codebook's fingerprint, which
+        names the visual words. Copying the directory keeps it; re-extracting changes it.
+        """
+        shards = []
+        for s in self.shards:
+            st = s.path.stat()
+            shards.append([s.path.name, st.st_size, str(s.attrs.get("checksums") or st.st_mtime_ns)])
+        book = None if self.codebook_attrs is None else self.codebook_attrs.get("fingerprint")
+        return hashlib.sha256(json.dumps({"shards": shards, "codebook": book}).encode("utf-8")).hexdigest()
+
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._where
 

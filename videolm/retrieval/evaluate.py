@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConfigError
+from .index_cache import CACHE_MODES
 from .metrics import GroundTruth, bootstrap_ci, rank_and_ties, summarize
 from .queries import QUERY_MODES, QuerySet
 from .search import SearchConfig, SearchResult, returned_hits, search
@@ -35,10 +36,13 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for the 95% intervals
     seed: int = 0
     top: int = 10  # list length written per query
+    index_cache: str = "auto"  # faiss-ivf/hnsw indexes saved beside the features and reused (index_cache.py)
 
     def __post_init__(self):
         if self.query_mode not in QUERY_MODES:
             raise ConfigError(f"query mode must be one of {', '.join(QUERY_MODES)}, got {self.query_mode!r}")
+        if self.index_cache not in CACHE_MODES:
+            raise ConfigError(f"index cache must be one of {', '.join(CACHE_MODES)}, got {self.index_cache!r}")
         if self.rerank_top < 0 or self.batch_size < 1 or self.bootstrap < 1 or self.top < 1:
             raise ConfigError("rerank_top must be >= 0; batch_size, bootstrap and top >= 1")
 
@@ -66,7 +70,7 @@ def rerank(result: SearchResult, gt: GroundTruth, k: int, pair_scores) -> Search
     top_ids[:, :k] = np.take_along_axis(ids, order, 1)
     top_scores[:, :k] = np.take_along_axis(scores, order, 1)
     return SearchResult(ranks, ties, top_ids, top_scores, result.seconds, {**result.params, "rerank_top": k},
-                        result.gt_not_returned)
+                        result.gt_not_returned, result.index)
 
 
 def direction_report(result: SearchResult, keys: list[str], cfg: EvalConfig) -> dict:
@@ -81,17 +85,21 @@ def direction_report(result: SearchResult, keys: list[str], cfg: EvalConfig) -> 
 
 
 def evaluate_embeddings(qs: QuerySet, text_vecs: np.ndarray, video_vecs: np.ndarray, cfg: EvalConfig,
-                        pair_scores=None) -> tuple[dict, dict]:
+                        pair_scores=None, cache=None) -> tuple[dict, dict]:
     """Search, optional re-rank and metrics for both directions from precomputed vectors.
 
     ``pair_scores(text_indices, video_indices) -> scores`` is the cross
-    encoder (needed when ``cfg.rerank_top``). Returns (report part, results by direction).
+    encoder (needed when ``cfg.rerank_top``); ``cache`` an ``index_cache.IndexCache``
+    for the faiss indexes (None: built every time). Returns (report part, results by direction).
     """
     top = max(cfg.top, cfg.rerank_top)
     gt = qs.t2v_truth()
-    results = {"t2v": search(text_vecs, video_vecs, gt, cfg.search, top)}
+    index_for = {"t2v": None, "v2t": None}
+    if cache is not None:  # t2v searches the videos, v2t the query texts
+        index_for = {"t2v": cache.index_for("videos", qs.video_ids), "v2t": cache.index_for("texts", qs.keys)}
+    results = {"t2v": search(text_vecs, video_vecs, gt, cfg.search, top, index_for["t2v"])}
     queried, gt_v = qs.v2t()
-    results["v2t"] = search(video_vecs[queried], text_vecs, gt_v, cfg.search, top)
+    results["v2t"] = search(video_vecs[queried], text_vecs, gt_v, cfg.search, top, index_for["v2t"])
     if cfg.rerank_top:
         if pair_scores is None:
             raise ConfigError("re-ranking needs a model with a cross encoder")

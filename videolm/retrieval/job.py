@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..features.layout import INDEX_CACHE_DIR
 from ..features.shards import FeatureStore
 from ..manifests.manifest import SPLITS, load_manifest
 from .encoding import PairEncoder, require_align_head
 from .evaluate import DIRECTIONS, EvalConfig, evaluate_embeddings, rankings_rows
+from .index_cache import IndexCache, model_fields
 from .metrics import recall_curve
 from .queries import EvalError, QuerySet, build_queries
 
@@ -51,7 +53,7 @@ def split_entries(manifest: Path, split: str):
 
 
 def evaluate_model(model, tokenizer, store: FeatureStore, qs: QuerySet, cfg: EvalConfig,
-                   progress: bool = False) -> tuple[dict, dict, dict]:
+                   progress: bool = False, cache: IndexCache | None = None) -> tuple[dict, dict, dict]:
     """(report part, results, timing) for a model on prepared queries."""
     enc = PairEncoder(model, tokenizer, store, cfg.batch_size, cfg.device)
     t0 = time.perf_counter()
@@ -65,8 +67,27 @@ def evaluate_model(model, tokenizer, store: FeatureStore, qs: QuerySet, cfg: Eva
     def pair_scores(ti, vi):
         return enc.align_scores([qs.texts[i] for i in ti], [qs.video_ids[j] for j in vi])
 
-    part, results = evaluate_embeddings(qs, text_vecs, video_vecs, cfg, pair_scores)
+    part, results = evaluate_embeddings(qs, text_vecs, video_vecs, cfg, pair_scores, cache)
     return part, results, {"encode_s": t1 - t0, "score_s": time.perf_counter() - t1}
+
+
+def index_cache_for(store: FeatureStore, cfg: EvalConfig, model: tuple[dict, dict]) -> IndexCache | None:
+    """The cache of faiss indexes in ``<features>/indexes`` for this model, split and query mode."""
+    if cfg.search.mode == "exact":
+        return None
+    slot, key = model
+    return IndexCache(store.directory / INDEX_CACHE_DIR, cfg.index_cache,
+                      {**slot, "split": cfg.split, "query_mode": cfg.query_mode},
+                      {**key, "features_fingerprint": store.fingerprint()})
+
+
+def index_report(results: dict, cfg: EvalConfig) -> dict | None:
+    """Per direction, whether the faiss index was built or reused and the seconds of each step."""
+    if cfg.search.mode == "exact":
+        return None
+    rounded = {d: {k: round(v, 4) if isinstance(v, float) else v for k, v in (results[d].index or {}).items()}
+               for d in DIRECTIONS}
+    return {"cache": cfg.index_cache, **rounded}
 
 
 def make_report(part: dict, qs: QuerySet, cfg: EvalConfig, results: dict, **about) -> dict:
@@ -87,6 +108,7 @@ def make_report(part: dict, qs: QuerySet, cfg: EvalConfig, results: dict, **abou
         "excluded": {"missing_features": len(qs.missing), "missing_examples": qs.missing[:10],
                      "videos_without_query": qs.no_query, "empty_queries": len(qs.empty)},
         "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "level": 0.95},
+        "index": index_report(results, cfg),
         "eval_config": asdict(cfg),
         **part,
     }
@@ -148,6 +170,7 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
     model, tokenizer, run_cfg = load_pretrained(checkpoint, cfg.device)
     ckpt = latest_checkpoint(checkpoint)
     meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
+    model_id = model_fields(ckpt, meta.get("step"), untrained, cfg.seed)
     about = {"model": {"kind": "checkpoint", "checkpoint": str(ckpt), "step": meta.get("step"),
                        "objectives": run_cfg.objective_names}}
     if cfg.rerank_top:
@@ -160,7 +183,8 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
     store = FeatureStore(features)
     try:
         qs = build_queries(split_entries(manifest, cfg.split), store, cfg.query_mode)
-        part, results, timing = evaluate_model(model, tokenizer, store, qs, cfg, progress)
+        part, results, timing = evaluate_model(model, tokenizer, store, qs, cfg, progress,
+                                               index_cache_for(store, cfg, model_id))
     finally:
         store.close()
     report = make_report(part, qs, cfg, results, **about, features=str(features), manifest=str(manifest),

@@ -69,6 +69,7 @@ class SearchResult:
     seconds: dict = field(default_factory=dict)  # build / search / rank times
     params: dict = field(default_factory=dict)  # what was searched with (goes into the report)
     gt_not_returned: int = 0
+    index: dict | None = None  # faiss modes: built or reused, and the seconds of each step (``index_cache``)
 
 
 def _sorted_top(scores: np.ndarray, ids: np.ndarray | None, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,28 +137,55 @@ def exact_search(queries: np.ndarray, gallery: np.ndarray, gt: GroundTruth, cfg:
     return SearchResult(ranks, ties, top_ids, top_scores, {"search": time.perf_counter() - t0}, params)
 
 
-def build_index(gallery: np.ndarray, cfg: SearchConfig):
-    """A faiss inner-product index over `gallery`; returns (index, params)."""
+def build_params(cfg: SearchConfig, n: int) -> dict:
+    """What a built index depends on besides the gallery's vectors (``index_cache`` keys on them).
+
+    Search-time settings (``nprobe``, ``ef_search``) are left out: ``tune_index`` sets them
+    on a built or a loaded index alike, so changing them does not need a new index.
+    """
+    if cfg.mode == "faiss-ivf":
+        nlist = cfg.nlist or int(4 * math.sqrt(n))
+        return {"nlist": max(1, min(nlist, n // 39))}  # faiss warns below 39 training points per cell
+    if cfg.mode == "faiss-hnsw":
+        return {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction}
+    return {}
+
+
+def new_index(gallery: np.ndarray, cfg: SearchConfig):
+    """A faiss inner-product index over `gallery`, trained and filled; not yet tuned for searching."""
     import faiss
 
     x = np.ascontiguousarray(gallery, dtype=np.float32)
     n, d = x.shape
+    p = build_params(cfg, n)
     if cfg.mode == "faiss-flat":
-        index, params = faiss.IndexFlatIP(d), {}
+        index = faiss.IndexFlatIP(d)
     elif cfg.mode == "faiss-ivf":
-        nlist = cfg.nlist or int(4 * math.sqrt(n))
-        nlist = max(1, min(nlist, n // 39))  # faiss warns below 39 training points per cell
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], faiss.METRIC_INNER_PRODUCT)
         index.train(x)
-        index.nprobe = min(cfg.nprobe, nlist)
-        params = {"nlist": nlist, "nprobe": index.nprobe}
     else:
-        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.ef_construction
-        index.hnsw.efSearch = max(cfg.ef_search, cfg.k)
-        params = {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": index.hnsw.efSearch}
+        index = faiss.IndexHNSWFlat(d, p["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = p["ef_construction"]
     index.add(x)
-    return index, params
+    return index
+
+
+def tune_index(index, cfg: SearchConfig) -> dict:
+    """Set the search-time settings on a built or loaded index; returns every parameter (for the report)."""
+    params = build_params(cfg, index.ntotal)
+    if cfg.mode == "faiss-ivf":
+        index.nprobe = min(cfg.nprobe, params["nlist"])
+        params["nprobe"] = index.nprobe
+    elif cfg.mode == "faiss-hnsw":
+        index.hnsw.efSearch = max(cfg.ef_search, cfg.k)
+        params["ef_search"] = index.hnsw.efSearch
+    return params
+
+
+def build_index(gallery: np.ndarray, cfg: SearchConfig):
+    """A faiss inner-product index over `gallery`, ready to search; returns (index, params)."""
+    index = new_index(gallery, cfg)
+    return index, tune_index(index, cfg)
 
 
 def returned_hits(ids: np.ndarray, gt: GroundTruth) -> np.ndarray:
@@ -167,8 +195,18 @@ def returned_hits(ids: np.ndarray, gt: GroundTruth) -> np.ndarray:
     return np.logical_or.reduceat(per_answer, gt.indptr[:-1], axis=0)
 
 
+def _obtain_index(gallery: np.ndarray, cfg: SearchConfig, index_for) -> tuple[object, dict, dict]:
+    """(index ready to search, params, how it was obtained): built here, or from ``index_for`` (a cache)."""
+    if index_for is None:
+        t0 = time.perf_counter()
+        index, params = build_index(gallery, cfg)  # looked up at each call: the benchmark memoises it
+        return index, params, {"status": "built", "build_s": time.perf_counter() - t0}
+    index, record = index_for(gallery, cfg)
+    return index, tune_index(index, cfg), record
+
+
 def index_search(queries: np.ndarray, gallery: np.ndarray, gt: GroundTruth, cfg: SearchConfig,
-                 top: int = 10) -> SearchResult:
+                 top: int = 10, index_for=None) -> SearchResult:
     import faiss
 
     before = faiss.omp_get_max_threads()
@@ -176,7 +214,7 @@ def index_search(queries: np.ndarray, gallery: np.ndarray, gt: GroundTruth, cfg:
         faiss.omp_set_num_threads(cfg.threads)
     try:
         t0 = time.perf_counter()
-        index, params = build_index(gallery, cfg)
+        index, params, record = _obtain_index(gallery, cfg, index_for)
         t1 = time.perf_counter()
         k = min(max(cfg.k, top), len(gallery))
         scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
@@ -199,13 +237,20 @@ def index_search(queries: np.ndarray, gallery: np.ndarray, gt: GroundTruth, cfg:
     top_ids, top_scores = _sorted_top(scores, ids, top)
     t3 = time.perf_counter()
     params = {"mode": cfg.mode, "k": k, **params}
-    return SearchResult(ranks, ties, top_ids, top_scores,
-                        {"build": t1 - t0, "search": t2 - t1, "rank": t3 - t2}, params, len(missed))
+    seconds = {"build": record.get("build_s", 0.0), "search": t2 - t1, "rank": t3 - t2}
+    if "load_s" in record:
+        seconds["load"] = record["load_s"]
+    return SearchResult(ranks, ties, top_ids, top_scores, seconds, params, len(missed),
+                        {**record, "index_s": t1 - t0})
 
 
 def search(queries: np.ndarray, gallery: np.ndarray, gt: GroundTruth, cfg: SearchConfig = SearchConfig(),
-           top: int = 10) -> SearchResult:
-    """Rank `gallery` rows for each of `queries` by inner product; see the module docstring."""
+           top: int = 10, index_for=None) -> SearchResult:
+    """Rank `gallery` rows for each of `queries` by inner product; see the module docstring.
+
+    ``index_for(gallery, cfg) -> (index, record)`` supplies the faiss index instead of
+    building one here (``index_cache``: a saved one, when it is for these very vectors).
+    """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     gallery = np.ascontiguousarray(gallery, dtype=np.float32)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
@@ -216,7 +261,7 @@ def search(queries: np.ndarray, gallery: np.ndarray, gt: GroundTruth, cfg: Searc
         raise ValueError("ground-truth index outside the gallery")
     if cfg.mode == "exact":
         return exact_search(queries, gallery, gt, cfg, top)
-    return index_search(queries, gallery, gt, cfg, top)
+    return index_search(queries, gallery, gt, cfg, top, index_for)
 
 
 def config_dict(cfg: SearchConfig) -> dict:
