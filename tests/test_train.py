@@ -566,3 +566,70 @@ def test_a_step_reads_the_device_once_and_a_log_window_once(data, monkeypatch):
     numbers = window._numbers()
     assert [r for r in reads if r[1] == "trainer.py"] == [("tolist", "trainer.py")]
     assert len(numbers["loss"]) == 3 and all(isinstance(x, float) for x in numbers["mlm_acc"])
+
+
+def write_even_data(root: Path, n_videos=8, clips=8, dim=8) -> tuple[Path, Path]:
+    """Videos of one length with two 4-word captions each: every batch has the same shapes, so a compiled
+    step compiles once (a new shape would compile again, with dynamic sizes: twice the test's time)."""
+    rng = np.random.default_rng(0)
+    features = root / "features"
+    features.mkdir(parents=True)
+    w = ShardWriter(features / shard_name(0), dim, {"encoder": "pixels",
+                                                    "config": json.dumps({"encoder": "pixels", "sampling": {}})})
+    entries = []
+    for i in range(n_videos):
+        w.add_video(f"v{i}", rng.normal(size=(clips, dim)).astype(np.float32), np.arange(clips, dtype=float),
+                    np.arange(clips) + 1.0, float(clips))
+        caps = tuple(Caption(float(a), a + clips / 2, " ".join(rng.choice(WORDS, 4))) for a in (0, clips / 2))
+        entries.append(VideoEntry(f"v{i}", f"v{i}.mp4", "train", float(clips), caps))
+    w.finish()
+    return features, write_manifest(entries, root / "manifest.jsonl")
+
+
+@pytest.mark.slow
+def test_compile_gives_the_same_losses_and_checkpoints(tmp_path):
+    """train.compile: same losses as eager to 1e-4 (dropout off: inductor draws its own dropout masks), the same
+    checkpoint keys, and a compiled run resumes uncompiled. About 30-50 s: inductor builds its kernels."""
+    import torch
+
+    from videolm.pretrain.run import compile_problem
+
+    problem = compile_problem("cpu")
+    if problem:
+        pytest.skip(f"torch.compile (inductor) cannot build CPU kernels here: {problem}")
+    features, manifest = write_even_data(tmp_path / "data")
+    cfg = tiny({"joint": {}}, extra=["data.mode=video", "model.dropout=0", "max_steps=3",
+                                                "checkpoint_every=3"])
+    runs = {flag: tmp_path / f"compile_{flag}" for flag in ("false", "true")}
+    for flag, out in runs.items():
+        run_pretrain(apply_overrides(cfg, [f"compile={flag}"]), features, manifest, out, progress=False)
+    eager, compiled = losses(runs["false"]), losses(runs["true"])
+    assert [r["step"] for r in compiled] == [1, 2, 3] and "joint_loss" in compiled[0]
+    for a, b in zip(eager, compiled):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    ckpts = {flag: out / "checkpoints" / "step_0000003" for flag, out in runs.items()}
+    assert load_recipe(ckpts["true"] / "config.yaml").train.compile
+    for name in ("model.pt", "objectives.pt"):
+        keys = [list(torch.load(c / name, weights_only=True)) for c in ckpts.values()]
+        assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[1]), name
+    for flag, out in runs.items():  # one more step each, uncompiled: the weights agree, so do the losses
+        run_pretrain(apply_overrides(cfg, ["compile=false", "max_steps=4"]), features, manifest, out, resume=True,
+                     progress=False)
+    last = [losses(out)[-1] for out in runs.values()]
+    assert last[0]["step"] == last[1]["step"] == 4
+    assert last[1]["loss"] == pytest.approx(last[0]["loss"], rel=1e-4)
+
+
+def test_compile_without_a_working_compiler_stops_with_a_clear_message(tmp_path):
+    """No C++ compiler for inductor: `videolm pretrain compile=true` exits 2 with one line, not a traceback."""
+    features, manifest = write_even_data(tmp_path / "data", n_videos=4)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {mode: video}\nobjectives:\n  joint: {}\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "videolm", "pretrain", "--config", str(recipe), "--features",
+                           str(features), "--manifest", str(manifest), "--quiet", "--out", str(tmp_path / "run"),
+                           *TINY_OVERRIDES, "compile=true"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "train.compile: torch.compile cannot build kernels for cpu here" in done.stderr
+    assert "no-such-g++" in done.stderr and "Traceback" not in done.stderr

@@ -44,8 +44,9 @@ class SharedPasses:
         kinds = {o.masked_pass for o in readers}
         by_kind = {k: [o for o in readers if o.masked_pass == k] for k in kinds}
         self.corruptor = (by_kind.get("text") or by_kind.get("decoder") or [None])[0]
-        self.clip_prob = max((o.mask_prob for o in by_kind.get("clips", [])), default=0.0)
-        self.enhanced_v = max((getattr(o, "enhanced_v", 0.0) for o in readers), default=0.0)
+        # max over a list, not max(..., default=): torch.compile cannot trace the keyword (a graph break)
+        self.clip_prob = max([0.0] + [o.mask_prob for o in by_kind.get("clips", [])])
+        self.enhanced_v = max([0.0] + [getattr(o, "enhanced_v", 0.0) for o in readers])
         self.vocab = next((o.vocab for o in readers if getattr(o, "vocab", None) is not None), None)
         self.local_only = kinds == {"text"}  # hierarchical: mlm alone reads the local level only
         self._sides = self._masked = None

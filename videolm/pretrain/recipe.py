@@ -63,6 +63,7 @@ class TrainConfig:
     split: str = "train"
     max_bad_steps: int = 5  # consecutive steps with a non-finite loss or gradient (skipped) before the run stops
     init_from: str = ""  # run or checkpoint directory whose model (and matching heads) a new run starts from
+    compile: bool = False  # torch.compile (inductor) the model and objectives; the first steps compile
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -40,7 +40,7 @@ log = logging.getLogger("videolm.pretrain.run")
 
 # Settings that may change when a run is resumed (they do not alter what has been learned so far).
 RESUMABLE_CHANGES = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "device",
-                     "threads", "max_bad_steps"}
+                     "threads", "max_bad_steps", "compile"}
 
 
 class PlannedBatches:
@@ -305,11 +305,43 @@ def build_run(cfg: PretrainConfig, store: FeatureStore, entries: list, device: s
         restore(run, ckpt)
     elif tc.init_from:
         load_init_weights(run, tc.init_from)
+    if tc.compile:  # before DDP wraps it, as PyTorch advises; in place, so no state-dict key changes
+        compile_runner(runner, device)
     if world > 1:
         ddp_kwargs = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
         run.runner = nn.parallel.DistributedDataParallel(
             runner, find_unused_parameters=leaves_parameters_unused(cfg), **ddp_kwargs)
     return run
+
+
+def compile_problem(device: str) -> str | None:
+    """Why torch.compile's default (inductor) backend cannot run on ``device`` here, or None when it can.
+
+    Inductor builds C++ (CPU) or Triton (CUDA) kernels when a graph first runs; without a
+    working compiler a run would otherwise fail at its first step, deep in a long traceback.
+    """
+    try:
+        probe = torch.compile(lambda x: x * 2.0 + 1.0, fullgraph=True)
+        probe(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - whatever breaks in the toolchain, the run cannot compile
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0] if first else 'no message'}"
+    return None
+
+
+def compile_runner(runner: nn.Module, device: str) -> None:
+    """``train.compile``: compile the runner's forward in place (``nn.Module.compile``).
+
+    In place, not ``torch.compile(runner)``: that wrapper would prefix every state-dict key with
+    ``_orig_mod.``; here the runner, its model and heads stay the same modules, so checkpoints are
+    the same with or without compile and resume either way.
+    """
+    problem = compile_problem(device)
+    if problem:
+        raise ConfigError(f"train.compile: torch.compile cannot build kernels for {device} here ({problem}); "
+                          "install a C++ compiler (g++ or clang++) for the CPU, or Triton for CUDA, or set "
+                          "compile=false")
+    runner.compile()
 
 
 def restore(run: Run, ckpt: Path) -> None:
