@@ -139,3 +139,84 @@ def test_clip_owner_is_the_subtitle_with_the_largest_iou():
         s = rng.uniform(0, 20, m)
         subs = np.stack([s, s + rng.uniform(0, 5, m)], 1) if m else np.zeros((0, 2))
         assert clip_owner(starts, ends, subs).tolist() == _owner_naive(starts, ends, subs)
+
+
+def _quantised_store(tmp_path, videos):
+    from videolm.quantize.kmeans import QuantizeConfig
+    from videolm.quantize.job import run_quantize
+
+    make_store(tmp_path, videos).close()
+    run_quantize(tmp_path, QuantizeConfig(k=2, levels=2, sample=100, normalize="none"), progress=False)
+    return FeatureStore(tmp_path)
+
+
+def test_a_ranged_read_equals_the_whole_video_sliced(tmp_path):
+    store = _quantised_store(tmp_path, [("v1", 12), ("v2", 70), ("v3", 1)])
+    rng = np.random.default_rng(0)
+    for vid in ("v1", "v2", "v3"):
+        full = store.get(vid)
+        n = len(full.features)
+        windows = [(0, None), (0, n), (n - 1, n), (0, n + 5), (n + 2, n + 9), (3, 1)]
+        windows += [tuple(sorted(int(x) for x in rng.integers(0, n + 1, 2))) for _ in range(20)]
+        for a, b in windows:
+            part, sl = store.get(vid, a, b), slice(a, b)
+            assert part.features.dtype == np.float32 and part.duration == full.duration
+            for name in ("features", "starts", "ends", "tokens", "token_paths"):
+                np.testing.assert_array_equal(getattr(part, name), getattr(full, name)[sl], err_msg=f"{vid} {name} {sl}")
+
+
+def test_examples_read_only_their_clips_and_keep_the_rows_of_the_whole_video(tmp_path):
+    store = _quantised_store(tmp_path, [("v1", 40), ("v2", 9)])
+    caps = tuple(Caption(float(t), t + 2.5, f"c{t}") for t in range(0, 40, 3))
+    entries = [VideoEntry("v1", "x", "train", captions=caps), VideoEntry("v2", "x", "train", captions=caps[:2])]
+    reads = []
+    get = store.get
+    store.get = lambda vid, start=0, stop=None: reads.append((vid, start, stop)) or get(vid, start, stop)
+    for mode, seconds in (("segment", 0.0), ("segment", 6.0), ("video", 0.0)):
+        ds = VideoTextDataset(store, entries, DataConfig(mode=mode, max_frames=8, min_segment_seconds=seconds), seed=1)
+        for item in [(i, epoch) for i in range(len(ds)) for epoch in range(3)]:
+            reads.clear()
+            ex = ds[item]
+            full = get(ex["video_id"])
+            first = int(np.searchsorted(full.starts, ex["clip_starts"][0]))
+            rows = slice(first, first + len(ex["features"]))
+            assert reads == [(ex["video_id"], first, rows.stop)]  # one read, of the example's clips only
+            np.testing.assert_array_equal(ex["features"], full.features[rows])
+            np.testing.assert_array_equal(ex["tokens"], full.tokens[rows])
+            np.testing.assert_array_equal(ex["clip_ends"], full.ends[rows])
+            assert len(ex["features"]) <= 8 and len(ex["texts"]) == len(ex["text_spans"]) > 0
+
+
+TRICKY_TEXTS = ["hello world", "Café au lait, s'il vous plaît!", "日本語のテキスト mixed", "", "  spaced   out  ",
+                "tab\there\nnewline", "don't stop-believing...", "x" * 150, "ÀÉÎÕÜ accents", "emoji 🙂 test",
+                "numbers 3.14159 and 1,000,000", "[MASK] literal [SEP]", "##sub words", " ".join(["long"] * 60)]
+
+
+def test_cached_tokenisation_gives_the_tensors_of_fresh_tokenisation():
+    import torch
+
+    from videolm.model.inputs import tokenize
+    from videolm.model.text import load_tokenizer
+    from videolm.pretrain.collate import Collator
+
+    tok = load_tokenizer(None)
+    collate = Collator(tok, max_text_len=20, max_sub_len=10, max_subs=3)
+    rng = np.random.default_rng(0)
+    for _ in range(60):  # captions come back across batches: later ones are served from the cache
+        examples = []
+        for i in range(int(rng.integers(1, 5))):
+            texts = list(rng.choice(TRICKY_TEXTS, int(rng.integers(1, 6))))
+            n = len(texts)
+            examples.append({"video_id": f"v{i}", "features": np.zeros((n, 2), np.float32), "tokens": None,
+                             "clip_starts": np.arange(n, dtype=float), "clip_ends": np.arange(n) + 1.0,
+                             "texts": texts, "text_spans": np.stack([np.arange(n)] * 2, 1),
+                             "text_times": np.stack([np.arange(n), np.arange(n) + 1.0], 1).astype(np.float32)})
+        batch = collate(examples)
+        ids, mask = tokenize(tok, [" ".join(e["texts"]) for e in examples], 20)
+        assert torch.equal(batch["text_ids"], ids) and torch.equal(batch["text_mask"], mask)
+        sub_ids, sub_mask = tokenize(tok, [t for e in examples for t in e["texts"][:3]], 10)
+        valid = batch["sub_valid"]
+        assert batch["sub_ids"].shape[-1] == sub_ids.shape[-1]
+        assert torch.equal(batch["sub_ids"][valid], sub_ids) and torch.equal(batch["sub_mask"][valid], sub_mask)
+        assert not batch["sub_mask"][~valid].any()
+    assert len(collate.words._ids) == len(set(TRICKY_TEXTS))  # one entry per distinct text

@@ -153,6 +153,12 @@ class VideoFeatures:
     token_paths: np.ndarray | None = None  # int16 (n_clips, levels): child index chosen at each tree level
 
 
+def clip_window(n: int, start: int = 0, stop: int | None = None) -> tuple[int, int]:
+    """Rows ``start:stop`` of a video of ``n`` clips as (first, end), clamped like a Python slice."""
+    lo, hi, _ = slice(start, stop).indices(n)
+    return lo, max(lo, hi)
+
+
 class ShardReader:
     """Random access to one shard's videos. Opens lazily; the index is read once."""
 
@@ -180,6 +186,14 @@ class ShardReader:
         self.attrs = plain_attrs(f.attrs)
         self.config = json.loads(self.attrs["config"])
         self.dim = int(self.attrs["dim"])
+        self._datasets: dict = {}
+
+    def _dataset(self, name: str):
+        """An h5py dataset of the shard, looked up once: a lookup by name costs as much as reading a few rows."""
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._datasets[name] = self._file[name]
+        return ds
 
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._row
@@ -216,14 +230,17 @@ class ShardReader:
     def clip_times(self, video_id: str) -> np.ndarray:
         """(n_clips, 2) clip start and end times, without reading features."""
         a, n = self.rows(video_id)
-        return self._file["clip_times"][a : a + n]
+        return self._dataset("clip_times")[a : a + n]
 
-    def get(self, video_id: str) -> VideoFeatures:
+    def get(self, video_id: str, start: int = 0, stop: int | None = None) -> VideoFeatures:
+        """A video's clips ``start:stop`` (all of them by default), read alone: a training example that
+        uses a few clips of a long video reads and converts those only."""
         a, n = self.rows(video_id)
-        times = self._file["clip_times"][a : a + n]
+        lo, hi = clip_window(n, start, stop)
+        times = self._dataset("clip_times")[a + lo : a + hi]
         return VideoFeatures(
             video_id=video_id,
-            features=self._file["features"][a : a + n].astype(np.float32),
+            features=self._dataset("features")[a + lo : a + hi].astype(np.float32),
             starts=times[:, 0],
             ends=times[:, 1],
             duration=float(self._durations[self._row[video_id]]),
@@ -339,16 +356,18 @@ class FeatureStore:
             self._tokens[shard.path] = found
         return self._tokens[shard.path]
 
-    def get(self, video_id: str) -> VideoFeatures:
+    def get(self, video_id: str, start: int = 0, stop: int | None = None) -> VideoFeatures:
+        """A video's clips ``start:stop`` (default: all), with their visual words when quantised."""
         try:
             shard = self._where[video_id]
         except KeyError:
             raise KeyError(f"video {video_id!r} is not in the shards of {self.directory}") from None
-        out = shard.get(video_id)
+        out = shard.get(video_id, start, stop)
         tok = self._shard_tokens(shard)
         if tok is not None:
             a, n = shard.rows(video_id)
-            out.tokens, out.token_paths = tok[0][a : a + n], tok[1][a : a + n]
+            lo, hi = clip_window(n, start, stop)
+            out.tokens, out.token_paths = tok[0][a + lo : a + hi], tok[1][a + lo : a + hi]
         return out
 
     def clip_times(self, video_id: str) -> np.ndarray:

@@ -32,6 +32,54 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, t
     return enc["input_ids"], enc["attention_mask"].bool()
 
 
+class CaptionTokens:
+    """``tokenize`` for texts that come back: each distinct text goes through the tokenizer once.
+
+    Training reads every caption again each epoch, and in one batch twice: joined with
+    the rest of its example's text and on its own as a subtitle. The WordPiece ids of
+    texts joined with spaces are the ids of each text one after the other (BERT's
+    normaliser works per character and its pre-tokeniser splits at whitespace), so
+    one entry per caption serves both, and ``pack`` gives exactly ``tokenize``'s
+    tensors. Entries are the ids as bytes (uint16 for vocabularies below 65536: about
+    100 bytes per caption); at ``max_entries`` the cache starts afresh, so memory
+    stays bounded. Each DataLoader worker builds its own as it goes.
+    """
+
+    def __init__(self, tokenizer, max_len: int, max_entries: int = 1_000_000):
+        self.tokenizer, self.max_len, self.max_entries = tokenizer, max_len, max_entries
+        # longer texts are cut to what the longest ``pack`` keeps, as ``tokenize``'s truncation would
+        self.cut = max_len - 2
+        self.cls, self.sep, self.pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        self.dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+        self._ids: dict[str, bytes] = {}
+
+    def ids(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids without [CLS]/[SEP], at most ``max_len - 2``; one tokenizer call for the new ones."""
+        if len(self._ids) + len(texts) > self.max_entries:
+            self._ids.clear()
+        new = list(dict.fromkeys(t for t in texts if t not in self._ids))
+        if new:
+            enc = self.tokenizer(new, add_special_tokens=False, truncation=True, max_length=self.cut)
+            self._ids.update((t, np.asarray(e, dtype=self.dtype).tobytes()) for t, e in zip(new, enc["input_ids"]))
+        return [np.frombuffer(self._ids[t], dtype=self.dtype) for t in texts]
+
+    def pack(self, rows: list[list[np.ndarray]], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] ids... [SEP]`` of each row (its texts' ids joined, cut to ``max_len``), padded on the
+        right to the longest, and its mask: what ``tokenize`` gives for the rows' texts joined by spaces."""
+        import torch
+
+        if max_len > self.max_len:
+            raise ValueError(f"pack to {max_len} tokens, but the cache keeps at most {self.max_len}")
+        joined = [np.concatenate(r)[: max_len - 2] if r else np.zeros(0, dtype=self.dtype) for r in rows]
+        width = max((len(j) for j in joined), default=0) + 2
+        ids = np.full((len(rows), width), self.pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        for i, j in enumerate(joined):
+            ids[i, 0], ids[i, 1 : len(j) + 1], ids[i, len(j) + 1] = self.cls, j, self.sep
+            mask[i, : len(j) + 2] = True
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
 def evenly_spread_clips(n_clips: int, max_frames: int) -> np.ndarray:
     """Indices of the clips a model reads from a video of ``n_clips``.
 

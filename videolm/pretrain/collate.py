@@ -28,7 +28,8 @@ key                shape         meaning
 
 T, L, S and Ls are the longest in the batch (capped by the config), not fixed
 maxima, so short segments do not pay for padding. Texts, clips and visual words
-go through ``model.inputs``, the pipeline evaluation uses too.
+go through ``model.inputs``, the pipeline evaluation uses too. Each distinct caption
+is tokenised once per process (``CaptionTokens``), however often it is read.
 """
 
 from __future__ import annotations
@@ -38,22 +39,25 @@ import zlib
 import numpy as np
 import torch
 
-from ..model.inputs import pad_clips, tokenize
+from ..model.inputs import CaptionTokens, pad_clips
 
 
 class Collator:
     def __init__(self, tokenizer, max_text_len: int = 48, max_sub_len: int = 24, max_subs: int = 16):
         self.tokenizer = tokenizer
         self.max_text_len, self.max_sub_len, self.max_subs = max_text_len, max_sub_len, max_subs
+        # each caption tokenised once per worker, for the joined text and the subtitles alike
+        self.words = CaptionTokens(tokenizer, max(max_text_len, max_sub_len))
 
     def __call__(self, examples: list[dict]) -> dict:
         quantised = all(e["tokens"] is not None for e in examples)
         video, video_mask, video_tokens = pad_clips([e["features"] for e in examples],
                                                     [e["tokens"] for e in examples] if quantised else None)
-        text_ids, text_mask = tokenize(self.tokenizer, [" ".join(e["texts"]) for e in examples], self.max_text_len)
+        S = max(1, min(self.max_subs, max(len(e["texts"]) for e in examples)))
+        (text_ids, text_mask), subs = self._tokenize(examples, S)
         batch = {
             "video": video, "video_mask": video_mask, "clip_start": clip_starts(examples, video_mask.shape[1]),
-            "text_ids": text_ids, "text_mask": text_mask, **self._subtitles(examples),
+            "text_ids": text_ids, "text_mask": text_mask, **self._subtitles(examples, S, *subs),
             "video_key": torch.tensor([zlib.crc32(e["video_id"].encode("utf-8")) for e in examples], dtype=torch.long),
             "video_ids": [e["video_id"] for e in examples],
         }
@@ -61,29 +65,45 @@ class Collator:
             batch["video_tokens"] = video_tokens
         return batch
 
-    def _subtitles(self, examples: list[dict]) -> dict:
-        """``sub_ids``, ``sub_mask``, ``sub_spans``, ``sub_valid``: each caption (the first ``max_subs``) on its own."""
+    def _tokenize(self, examples: list[dict], S: int):
+        """((ids, mask) of each example's texts joined in time order, (ids, mask) of each of the first
+        ``S`` texts of every example on its own, in example order): ``tokenize``'s tensors, from the cache."""
+        ids = self.words.ids([t for e in examples for t in e["texts"]])  # one tokenizer call, new captions only
+        per_example, at = [], 0
+        for e in examples:
+            per_example.append(ids[at : at + len(e["texts"])])
+            at += len(e["texts"])
+        joined = self.words.pack(per_example, self.max_text_len)
+        each = [[t] for e, texts in zip(examples, per_example) for t in texts[: subtitle_count(e, S)]]
+        return joined, self.words.pack(each, self.max_sub_len)
+
+    def _subtitles(self, examples: list[dict], S: int, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """``sub_ids``, ``sub_mask``, ``sub_spans``, ``sub_valid``: each caption (the first ``max_subs``) on its own.
+
+        ``ids``/``mask``: the subtitles' tokens, example after example. Filled in numpy and
+        copied to torch once: per-element tensor writes cost more than the rest of the batch.
+        """
         B = len(examples)
-        S = max(1, min(self.max_subs, max(len(e["texts"]) for e in examples)))
-        flat, where = [], []
-        spans = torch.full((B, S, 2), -1, dtype=torch.long)
-        valid = torch.zeros(B, S, dtype=torch.bool)
-        owner = torch.full((B, max(len(e["features"]) for e in examples)), -1, dtype=torch.long)
+        spans = np.full((B, S, 2), -1, dtype=np.int64)
+        valid = np.zeros((B, S), dtype=bool)
+        owner = np.full((B, max(len(e["features"]) for e in examples)), -1, dtype=np.int64)
         for i, e in enumerate(examples):
             if e.get("text_times") is not None and e.get("clip_starts") is not None:
                 found = clip_owner(e["clip_starts"], e["clip_ends"], e["text_times"][:S])
-                owner[i, : len(found)] = torch.from_numpy(found)
-            for j, (t, span) in enumerate(zip(e["texts"][:S], e["text_spans"][:S])):
-                flat.append(t)
-                where.append((i, j))
-                spans[i, j] = torch.as_tensor(span, dtype=torch.long)
-                valid[i, j] = True
-        ids, mask = tokenize(self.tokenizer, flat, self.max_sub_len)
+                owner[i, : len(found)] = found
+            k = subtitle_count(e, S)
+            spans[i, :k], valid[i, :k] = np.asarray(e["text_spans"][:k], dtype=np.int64).reshape(k, 2), True
         sub_ids = torch.zeros(B, S, ids.shape[1], dtype=torch.long)
         sub_mask = torch.zeros(B, S, ids.shape[1], dtype=torch.bool)
-        for k, (i, j) in enumerate(where):
-            sub_ids[i, j], sub_mask[i, j] = ids[k], mask[k]
-        return {"sub_ids": sub_ids, "sub_mask": sub_mask, "sub_spans": spans, "sub_valid": valid, "clip_owner": owner}
+        at = torch.from_numpy(valid)  # row-major, as the subtitles come: example after example, in order
+        sub_ids[at], sub_mask[at] = ids, mask
+        return {"sub_ids": sub_ids, "sub_mask": sub_mask, "sub_spans": torch.from_numpy(spans),
+                "sub_valid": at, "clip_owner": torch.from_numpy(owner)}
+
+
+def subtitle_count(example: dict, S: int) -> int:
+    """How many of an example's captions become subtitles: the first ``S`` that have a clip span."""
+    return min(S, len(example["texts"]), len(example["text_spans"]))
 
 
 def clip_owner(starts: np.ndarray, ends: np.ndarray, times: np.ndarray) -> np.ndarray:

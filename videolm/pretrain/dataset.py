@@ -99,7 +99,7 @@ def sorted_by_time(captions) -> list[Caption]:
 
 
 class VideoTextDataset:
-    """Random-access examples for one split; a video is read from its shard on demand.
+    """Random-access examples for one split; an example's clips (not its whole video) are read on demand.
 
     Items are addressed by ``index`` or ``(index, epoch)``: the random crop of a
     long video depends on (seed, epoch, index) only, so DataLoader workers and a
@@ -119,7 +119,10 @@ class VideoTextDataset:
             log.warning("%d of %d manifest videos have no features (failed or not extracted); skipped",
                         self.missing, len(entries))
         self.videos = present
-        self.examples: list[tuple[int, tuple[int, int] | None]] = []  # (video, caption group in time order)
+        # One row per example: video, first and last caption of its group in time order (-1, -1: the whole
+        # video), first and last clip it may use (the whole video for a crop). Knowing the clips up front,
+        # __getitem__ reads only those; a numpy table, not tuples, for millions of examples.
+        rows: list[tuple[int, int, int, int, int]] = []
         uncovered: list[str] = []  # captions overlapping no clip of their video
         for vi, e in enumerate(present):
             caps = sorted_by_time(e.captions)
@@ -129,20 +132,28 @@ class VideoTextDataset:
                 if sp[0] < 0:
                     uncovered.append(f"{e.video_id} [{c.start:.2f}, {c.end:.2f}] s "
                                      f"(clips cover {times[0, 0]:.2f}-{times[-1, 1]:.2f} s)")
-            if cfg.mode == "video":
-                if (spans[:, 0] >= 0).any():
-                    self.examples.append((vi, None))
-                continue
-            for a, b in merge_segments(caps, cfg.min_segment_seconds):
-                if (spans[a : b + 1, 0] >= 0).any():  # a segment needs at least one caption on its clips
-                    self.examples.append((vi, (a, b)))
+            rows.extend(self._video_examples(vi, caps, spans, len(times)))
+        self.examples = np.array(rows, dtype=np.int64).reshape(-1, 5)
         self.uncovered = len(uncovered)
         if uncovered:
             log.warning("%d caption(s) overlap no clip of their video and are left out, e.g. %s",
                         len(uncovered), "; ".join(uncovered[:3]))
-        if not self.examples:
+        if not len(self.examples):
             raise DataError(f"no examples: none of the {len(present)} videos with features has a caption "
                             "overlapping its clips")
+
+    def _video_examples(self, vi: int, caps: list[Caption], spans: np.ndarray, n_clips: int) -> list[tuple]:
+        """The example rows of one video (see ``__init__``), from its captions' clip spans."""
+        if self.cfg.mode == "video":
+            return [(vi, -1, -1, 0, n_clips - 1)] if (spans[:, 0] >= 0).any() else []
+        rows = []
+        for a, b in merge_segments(caps, self.cfg.min_segment_seconds):
+            covered = spans[a : b + 1]
+            covered = covered[covered[:, 0] >= 0]
+            if len(covered):  # a segment needs at least one caption on its clips
+                first = int(covered[:, 0].min())
+                rows.append((vi, a, b, first, min(int(covered[:, 1].max()), first + self.cfg.max_frames - 1)))
+        return rows
 
     @property
     def store(self) -> FeatureStore:
@@ -155,31 +166,26 @@ class VideoTextDataset:
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
-        vi, group = self.examples[index]
+        vi, a, b, first, last = (int(x) for x in self.examples[index])
         entry = self.videos[vi]
-        feats = self.store.get(entry.video_id)
         caps = sorted_by_time(entry.captions)
-        n = len(feats.features)
-        if group is None:  # whole video, random crop
+        if a < 0:  # whole video, random crop
+            n = last + 1
             rng = np.random.default_rng((self.seed, epoch, index))
             first = int(rng.integers(0, n - self.cfg.max_frames + 1)) if n > self.cfg.max_frames else 0
             last = min(n, first + self.cfg.max_frames) - 1
             texts = caps
         else:
-            texts = caps[group[0] : group[1] + 1]
-            spans = caption_spans(feats.starts, feats.ends, texts)
-            covered = spans[spans[:, 0] >= 0]  # non-empty: __init__ keeps only such segments
-            first, last = int(covered[:, 0].min()), int(covered[:, 1].max())
-            last = min(last, first + self.cfg.max_frames - 1)
-        sl = slice(first, last + 1)
-        starts, ends = feats.starts[sl], feats.ends[sl]
+            texts = caps[a : b + 1]
+        feats = self.store.get(entry.video_id, first, last + 1)  # the example's clips only
+        starts, ends = feats.starts, feats.ends
         spans = caption_spans(starts, ends, texts)
         keep = spans[:, 0] >= 0
         texts = [c for c, k in zip(texts, keep) if k]
         return {
             "video_id": entry.video_id,
-            "features": feats.features[sl],
-            "tokens": None if feats.tokens is None else feats.tokens[sl],
+            "features": feats.features,
+            "tokens": feats.tokens,
             "clip_starts": starts,
             "clip_ends": ends,
             "texts": [c.text for c in texts],
