@@ -414,6 +414,7 @@ def _add_import(sub):
     f = fmts.add_parser("tvsub", help="TVQA/TVR subtitles: tvqa_subtitles.jsonl, streamed")
     f.add_argument("--subtitles", required=True, help="JSONL of {\"vid_name\", \"sub\": [{\"text\", \"start\", \"end\"}]}")
     f.set_defaults(import_options=("subtitles",))
+    _add_import_moments(fmts)
     f = fmts.add_parser("csv", help="any CSV with one caption per row (you name the columns)")
     f.add_argument("--csv", required=True, help="the CSV file (with a header row)")
     f.add_argument("--id-col", required=True, help="column with the video id")
@@ -429,6 +430,25 @@ def _add_import(sub):
     for f in fmts.choices.values():
         _import_common(f)
         f.set_defaults(func=_cmd_import)
+
+
+def _add_import_moments(fmts):
+    """ActivityNet Captions, DiDeMo, TVR: one annotation file per split."""
+    files = {"activitynet": ("ActivityNet Captions: train.json, val_1.json / val_2.json (timed sentences)",
+                             "train.json", "val_1.json (or val_2.json: the same videos, annotated again)", "a file "
+                             "of the same shape"),
+             "didemo": ("DiDeMo: {train,val,test}_data.json (5 s segment moments)", "train_data.json",
+                        "val_data.json", "test_data.json"),
+             "tvr": ("TVR: tvr_*_release.jsonl (moment queries), with TVQA subtitles", "tvr_train_release.jsonl",
+                     "tvr_val_release.jsonl", "tvr_test_public_release.jsonl (no moments: only subtitles are kept)")}
+    for fmt, (about, *names) in files.items():
+        f = fmts.add_parser(fmt, help=about)
+        for split, name in zip(("train", "val", "test"), names):
+            f.add_argument(f"--{split}", metavar="FILE", help=f"{name}: its videos become {split}")
+        f.set_defaults(import_options=("train", "val", "test"))
+    f.add_argument("--subtitles", metavar="FILE", help="tvqa_preprocessed_subtitles.jsonl (the tvsub format), "
+                                                        "joined by vid_name")
+    f.set_defaults(import_options=("train", "val", "test", "subtitles"))
 
 
 def _cmd_import(args) -> int:

@@ -22,6 +22,7 @@ from ..manifest import SPLITS, VideoEntry, write_manifest
 from .annotated import import_msrvtt, import_youcook2
 from .common import Assembler, ImporterError, ImportSummary, RawVideo, Report, VideoFinder
 from .csv_formats import import_csv, import_webvid
+from .moments import import_activitynet, import_didemo, import_tvr
 from .streamed import import_howto100m, import_tvsub
 
 IMPORTERS = {
@@ -30,6 +31,9 @@ IMPORTERS = {
     "howto100m": import_howto100m,
     "webvid": import_webvid,
     "tvsub": import_tvsub,
+    "activitynet": import_activitynet,
+    "didemo": import_didemo,
+    "tvr": import_tvr,
     "csv": import_csv,
 }
 
@@ -38,7 +42,8 @@ __all__ = ["IMPORTERS", "ImporterError", "ImportSummary", "RawVideo", "run_impor
 
 def _options(fmt: str, importer, given: dict) -> str:
     """Check the format's options by the importer's signature (a wrong flag name is a
-    user error, not a TypeError traceback); returns the main input's option name."""
+    user error, not a TypeError traceback); returns the main input's option name: the
+    first one given (formats with one file per split need only one of them)."""
     params = [p for name, p in inspect.signature(importer).parameters.items() if name != "report"]
     names = [p.name for p in params]
     unknown = sorted(set(given) - set(names))
@@ -47,7 +52,7 @@ def _options(fmt: str, importer, given: dict) -> str:
     missing = [p.name for p in params if p.default is inspect.Parameter.empty and given.get(p.name) is None]
     if missing:
         raise ImporterError(f"format {fmt!r} needs {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    return names[0]
+    return next((n for n in names if n in given), names[0])
 
 
 def _stop_if_empty(entries: Iterator[VideoEntry], assembler: Assembler, source: str):
@@ -76,7 +81,7 @@ def run_import(fmt: str, out, videos, keep_missing: bool = False, default_split:
     assembler = Assembler(VideoFinder(videos), report, keep_missing, default_split, progress=progress)
     entries = assembler(importer(report, **format_options))
     try:
-        write_manifest(_stop_if_empty(entries, assembler, str(format_options[main_input])), out)
+        write_manifest(_stop_if_empty(entries, assembler, str(format_options.get(main_input, fmt))), out)
     except BaseException:
         # write_manifest writes <out>.tmp and renames it only on success; do not leave it behind.
         tmp = out.with_name(out.name + ".tmp")

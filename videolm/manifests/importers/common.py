@@ -112,6 +112,8 @@ class RawVideo:
     Importers build Caption objects directly: HowTo100M has millions of lines, and a
     second object per line would cost seconds.
     ``path`` is a format's explicit location relative to --videos (WebVid's page_dir/id.mp4).
+    ``stems`` are other file names (without extension) the video may have, tried after
+    its id (ActivityNet's ``v_<youtube id>`` is often downloaded as ``<youtube id>.mp4``).
     """
 
     video_id: str
@@ -119,6 +121,7 @@ class RawVideo:
     captions: list[Caption]
     duration: float | None = None
     path: str | None = None
+    stems: tuple[str, ...] = ()
 
 
 def whole_video(text: str, kind: str = "caption") -> Caption:
@@ -279,6 +282,28 @@ def load_json(path, flag: str):
         raise ImporterError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
+def jsonl_objects(path: Path, report: Report) -> Iterator[tuple[int, object]]:
+    """(line number, decoded value) of each non-blank line of a JSONL file; a line that is
+    not JSON is reported (``file:line``) and skipped, a line that is not UTF-8 stops."""
+    with open(path, "rb") as f:  # lines decoded one by one, so an error names its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ImporterError(f"{path}:{lineno}: not UTF-8 text (invalid byte at column {exc.start + 1})") \
+                    from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark written by some editors
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                report.skipped.add("malformed JSON line", f"{path}:{lineno} ({exc.msg} at column {exc.colno})")
+                continue
+            yield lineno, obj
+
+
 def expect(ok: bool, path, problem: str) -> None:
     if not ok:
         raise ImporterError(f"{path}: {problem}")
@@ -348,6 +373,8 @@ class Assembler:
             path = self.finder.by_path(rec.path)
         if path is None:
             path = self.finder.by_id(vid)
+        for stem in rec.stems:
+            path = path or self.finder.by_id(stem)
         if path is None:
             self.missing_checked += 1
             if not self.keep_missing:

@@ -11,13 +11,12 @@ Field names follow the public releases:
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 from typing import Iterator
 
 from ..manifest import Caption
-from .common import ImporterError, RawVideo, Report, check_line, require_file
+from .common import ImporterError, RawVideo, Report, check_line, jsonl_objects, require_file
 from .json_stream import DEFAULT_CHUNK, iter_object
 
 PICKLE_SUFFIXES = (".pickle", ".pkl")
@@ -106,29 +105,17 @@ def import_howto100m(report: Report, *, captions, trust_pickle: bool = False,
 def import_tvsub(report: Report, *, subtitles) -> Iterator[RawVideo]:
     """Subtitle lines of each clip; a broken input line is reported and skipped."""
     path = require_file(subtitles, "--subtitles")
-    lineno = 0
-    try:
-        with open(path, "r", encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    report.skipped.add("malformed JSON line", f"{path}:{lineno} ({exc.msg} at column {exc.colno})")
-                    continue
-                if not (isinstance(obj, dict) and isinstance(obj.get("vid_name"), str) and obj["vid_name"].strip()
-                        and isinstance(obj.get("sub"), list)):
-                    report.skipped.add("line without a string 'vid_name' and a list 'sub'", f"{path}:{lineno}")
-                    continue
-                vid, captions = obj["vid_name"].strip(), []
-                for k, s in enumerate(obj["sub"]):
-                    checked = check_line(s.get("start"), s.get("end"), s.get("text")) if isinstance(s, dict) \
-                        else "subtitle that is not an object"
-                    if checked.__class__ is str:
-                        report.skipped.add(checked, f"{vid}#{k}")
-                    else:
-                        captions.append(Caption(checked[0], checked[1], s["text"], "subtitle"))
-                yield RawVideo(vid, None, captions)
-    except UnicodeDecodeError as exc:
-        raise ImporterError(f"{path}:{lineno + 1}: not UTF-8 text ({exc.reason})") from None
+    for lineno, obj in jsonl_objects(path, report):
+        if not (isinstance(obj, dict) and isinstance(obj.get("vid_name"), str) and obj["vid_name"].strip()
+                and isinstance(obj.get("sub"), list)):
+            report.skipped.add("line without a string 'vid_name' and a list 'sub'", f"{path}:{lineno}")
+            continue
+        vid, captions = obj["vid_name"].strip(), []
+        for k, s in enumerate(obj["sub"]):
+            checked = check_line(s.get("start"), s.get("end"), s.get("text")) if isinstance(s, dict) \
+                else "subtitle that is not an object"
+            if checked.__class__ is str:
+                report.skipped.add(checked, f"{vid}#{k}")
+            else:
+                captions.append(Caption(checked[0], checked[1], s["text"], "subtitle"))
+        yield RawVideo(vid, None, captions)
