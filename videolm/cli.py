@@ -279,10 +279,15 @@ def _add_eval(sub):
     p.add_argument("--features", required=True, help="feature directory holding the split's videos")
     p.add_argument("--manifest", required=True, help="manifest JSONL with the split's captions")
     p.add_argument("--root", help="refuse manifest video paths that resolve (symlinks followed) outside this folder")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate (default test)")
-    p.add_argument("--query-mode", default="video", choices=["video", "caption"],
+    p.add_argument("--protocol", choices=["msrvtt-1k-a", "paragraph", "caption"],
+                   help="a standard protocol: sets --query-mode and the default --split, checks the manifest "
+                        "supports it, and is recorded in the report (docs/retrieval.md#protocols)")
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="split to evaluate (default test, or the protocol's)")
+    p.add_argument("--query-mode", choices=["video", "caption", "paragraph"],
                    help="video: one query per video (its 'query' caption, else all captions joined); "
-                        "caption: every caption is a query (default video)")
+                        "caption: every caption is a query; paragraph: all of a video's captions joined "
+                        "(default video, or the protocol's)")
     p.add_argument("--search", default="exact", choices=["exact", "faiss-flat", "faiss-ivf", "faiss-hnsw"],
                    help="exact (default), faiss-flat (exact, faiss kernels), faiss-ivf / faiss-hnsw (approximate)")
     p.add_argument("--search-k", type=int, default=100, help="candidates a faiss index returns per query (default 100)")
@@ -311,13 +316,15 @@ def _cmd_eval(args) -> int:
     _check_root(args)
     from .retrieval.job import print_report, run_eval
     from .retrieval.evaluate import EvalConfig
+    from .retrieval.protocols import settings
     from .retrieval.search import SearchConfig
 
     search = SearchConfig(mode=args.search, k=args.search_k, nprobe=args.nprobe, ef_search=args.ef_search,
                           dsl=args.dsl)
-    cfg = EvalConfig(split=args.split, query_mode=args.query_mode, search=search, rerank_top=args.rerank_top,
+    split, query_mode = settings(args.protocol, args.split, args.query_mode)
+    cfg = EvalConfig(split=split, query_mode=query_mode, search=search, rerank_top=args.rerank_top,
                      batch_size=args.batch_size, device=args.device, bootstrap=args.bootstrap, seed=args.seed,
-                     index_cache=args.index_cache)
+                     index_cache=args.index_cache, protocol=args.protocol)
     out = Path(args.out)
     stem = out.with_suffix("")
     rankings = Path(args.rankings) if args.rankings else Path(f"{stem}.rankings.jsonl")
@@ -326,7 +333,8 @@ def _cmd_eval(args) -> int:
                       progress=not args.quiet, untrained=args.untrained)
     ex = report["excluded"]
     print(f"eval-retrieval: {report['n_videos']} videos, {report['n_queries']['t2v']} queries "
-          f"(split {cfg.split}, {cfg.query_mode} queries, search {cfg.search.mode}"
+          + (f"(protocol {cfg.protocol}, " if cfg.protocol else "(")
+          + f"split {cfg.split}, {cfg.query_mode} queries, search {cfg.search.mode}"
           + (f", rerank top {cfg.rerank_top}" if cfg.rerank_top else "") + (", dual softmax" if cfg.search.dsl else "")
           + ")" + (f"; {ex['missing_features']} videos without features left out" if ex["missing_features"] else ""))
     print_report(report)

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import ConfigError
 from .index_cache import CACHE_MODES
 from .metrics import GroundTruth, bootstrap_ci, rank_and_ties, summarize
+from .protocols import settings
 from .queries import QUERY_MODES, QuerySet
 from .search import SearchConfig, SearchResult, returned_hits, search
 
@@ -37,10 +38,13 @@ class EvalConfig:
     seed: int = 0
     top: int = 10  # list length written per query
     index_cache: str = "auto"  # faiss-ivf/hnsw indexes saved beside the features and reused (index_cache.py)
+    protocol: str | None = None  # a named protocol (protocols.py); split and query_mode must agree with it
 
     def __post_init__(self):
         if self.query_mode not in QUERY_MODES:
             raise ConfigError(f"query mode must be one of {', '.join(QUERY_MODES)}, got {self.query_mode!r}")
+        if self.protocol is not None:
+            settings(self.protocol, self.split, self.query_mode)  # raises on an unknown name or a contradiction
         if self.index_cache not in CACHE_MODES:
             raise ConfigError(f"index cache must be one of {', '.join(CACHE_MODES)}, got {self.index_cache!r}")
         if self.rerank_top < 0 or self.batch_size < 1 or self.bootstrap < 1 or self.top < 1:

@@ -29,6 +29,7 @@ from .encoding import PairEncoder, require_align_head
 from .evaluate import DIRECTIONS, EvalConfig, evaluate_embeddings, rankings_rows
 from .index_cache import IndexCache, model_fields
 from .metrics import recall_curve
+from .protocols import check_entries, protocol
 from .queries import EvalError, QuerySet, build_queries
 
 TIE_POLICY = ("rank = 1 + candidates scoring strictly higher than the best correct one; "
@@ -97,6 +98,7 @@ def make_report(part: dict, qs: QuerySet, cfg: EvalConfig, results: dict, **abou
         "videolm": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **about,
+        "protocol": protocol(cfg.protocol).record() if cfg.protocol else None,
         "split": cfg.split,
         "query_mode": cfg.query_mode,
         "search": search,
@@ -182,7 +184,10 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
         about = {"model": {"kind": "untrained", "architecture_of": str(ckpt), "init_seed": cfg.seed}}
     store = FeatureStore(features)
     try:
-        qs = build_queries(split_entries(manifest, cfg.split), store, cfg.query_mode)
+        entries = split_entries(manifest, cfg.split)
+        if cfg.protocol:
+            check_entries(cfg.protocol, entries, f"split {cfg.split} of {manifest}")
+        qs = build_queries(entries, store, cfg.query_mode)
         part, results, timing = evaluate_model(model, tokenizer, store, qs, cfg, progress,
                                                index_cache_for(store, cfg, model_id))
     finally:

@@ -6,7 +6,10 @@ Queries (``query_mode``):
   manifest marks one (e.g. MSR-VTT 1k-A's sentence), else its captions
   (kind ``caption`` or unset) joined in time order, as in training; captions
   that all share one time span are alternatives, and the first one is used;
-* ``caption``: every caption is its own query (MSR-VTT "full" protocol).
+* ``caption``: every caption is its own query (MSR-VTT "full" protocol);
+* ``paragraph``: one per video, all its descriptions (kinds ``query``, ``caption``
+  or unset) joined in time order, alternatives and marks ignored
+  (paragraph-to-video retrieval: ActivityNet Captions, DiDeMo).
 
 Subtitles and ASR lines are not descriptions and never become queries.
 """
@@ -24,7 +27,7 @@ from ..manifests.manifest import VideoEntry
 from .metrics import GroundTruth
 
 log = logging.getLogger("videolm.retrieval.queries")
-QUERY_MODES = ("video", "caption")
+QUERY_MODES = ("video", "caption", "paragraph")
 DESCRIPTION_KINDS = (None, "caption")
 
 
@@ -36,7 +39,7 @@ class EvalError(VideolmError, ValueError):
 class QuerySet:
     video_ids: list[str]  # the gallery, in manifest order
     texts: list[str]  # one per query
-    keys: list[str]  # "<video_id>" (video mode) or "<video_id>#<n>" (caption mode)
+    keys: list[str]  # "<video_id>" (video, paragraph modes) or "<video_id>#<n>" (caption mode)
     targets: np.ndarray  # gallery index of each query's video
     missing: list[str] = field(default_factory=list)  # split videos without features
     no_query: int = 0  # gallery videos without any description
@@ -91,8 +94,11 @@ def _video_queries(entry: VideoEntry, mode: str) -> list[tuple[str, str]]:
     caps = sorted(entry.captions, key=lambda c: (c.start, c.end))
     marked = [c for c in caps if c.kind == "query"]
     described = [c for c in caps if c.kind in DESCRIPTION_KINDS]
-    if mode != "video":  # "caption"
+    if mode == "caption":
         return [(f"{entry.video_id}#{n}", c.text) for n, c in enumerate(marked + described)]
+    if mode == "paragraph":
+        texts = [c.text.strip() for c in caps if c.kind == "query" or c.kind in DESCRIPTION_KINDS]
+        return [(entry.video_id, " ".join(t for t in texts if t))] if texts else []
     if len({(c.start, c.end) for c in described}) == 1:
         # Captions sharing one time span (MSR-VTT's 20 sentences) are alternative
         # descriptions, not a sequence: the first one (manifest order) is the query.
