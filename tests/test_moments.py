@@ -107,11 +107,114 @@ def test_corpus_spans_weigh_videos_as_hero():
     flat = (np.full(4, 0.25), np.full(4, 0.25))
     cfg = SpanConfig(nms_iou=None, top_n=3)
     # video 1 scores a little lower but its span is certain: exp(20 * -0.05) * 1 > 1 * 0.0625
-    out = corpus_spans(np.array([0.50, 0.45]), [flat, sharp], times, cfg)
+    out = corpus_spans(np.array([0.50, 0.45]), [flat, sharp].__getitem__, times, cfg)
     assert out["videos"][0] == 1 and out["clips"][0].tolist() == [1, 2]
     assert out["scores"][0] == pytest.approx(np.exp(20 * -0.05))
     # a large gap in video score wins over span certainty
-    out = corpus_spans(np.array([0.50, 0.2]), [flat, sharp], times, cfg)
+    out = corpus_spans(np.array([0.50, 0.2]), [flat, sharp].__getitem__, times, cfg)
     assert out["videos"][0] == 0
-    one = corpus_spans(np.array([0.50, 0.45]), [flat, sharp], times, SpanConfig(top_videos=1, nms_iou=None))
+    one = corpus_spans(np.array([0.50, 0.45]), [flat, sharp].__getitem__, times, SpanConfig(top_videos=1, nms_iou=None))
     assert set(one["videos"].tolist()) == {0}
+
+
+# --------------------------------------------------------------------------- a tiny run that localises its captions
+
+COLOURS, DIGITS, DIRS = ("red", "blue", "green", "yellow"), ("one", "two", "seven", "nine"), ("left", "right", "up")
+
+
+def write_moment_data(root, n_videos=8, dim=16, seed=0):
+    """Videos of 10-14 one-second clips with 1-3 timed captions each; a caption's clips carry a vector
+    fixed by its text (plus noise), so a model can find the span from the clips alone. One whole-video
+    caption, which must be counted and left out."""
+    import zlib
+
+    from videolm.features.layout import shard_name
+    from videolm.features.shards import ShardWriter
+    from videolm.manifests.manifest import Caption, VideoEntry, write_manifest
+
+    rng = np.random.default_rng(seed)
+    features = root / "features"
+    features.mkdir(parents=True)
+    w = ShardWriter(features / shard_name(0), dim, {"encoder": "pixels", "config": json.dumps({"encoder": "pixels"})})
+    entries = []
+    for i in range(n_videos):
+        n = int(rng.integers(10, 15))
+        x = rng.normal(scale=0.3, size=(n, dim)).astype(np.float32)
+        caps, t = [], int(rng.integers(0, 2))
+        while t < n - 2 and len(caps) < 3:
+            a, b = t, min(n, t + int(rng.integers(2, 5)))
+            text = f"a {rng.choice(COLOURS)} {rng.choice(DIGITS)} moves {rng.choice(DIRS)}"
+            x[a:b] += np.random.default_rng(zlib.crc32(text.encode())).normal(size=dim).astype(np.float32)
+            caps.append(Caption(float(a), float(b), text, "caption"))
+            t = b + int(rng.integers(1, 3))
+        if i == 0:
+            caps.append(Caption(0.0, float(n), "a video of moving digits", "caption"))
+        w.add_video(f"v{i:03d}", x, np.arange(n, dtype=float), np.arange(n) + 1.0, float(n))
+        entries.append(VideoEntry(f"v{i:03d}", f"v{i:03d}.mp4", "train", float(n), tuple(caps)))
+    w.finish()
+    return features, write_manifest(entries, root / "manifest.jsonl")
+
+
+TINY_HERO = {"hidden": 32, "heads": 2, "text_init": "none", "text_layers": 1, "temporal_layers": 1, "max_frames": 16,
+             "max_text_len": 32, "embed_dim": 16, "dropout": 0.0}
+
+
+def tiny_hero(steps: int, objectives=("vsm",), architecture="hierarchical"):
+    from videolm.pretrain.recipe import recipe_from_dict
+
+    model = {**TINY_HERO, "architecture": architecture}
+    if architecture != "hierarchical":
+        model.update(video_layers=1, cross_layers=1)
+    return recipe_from_dict({
+        "data": {"mode": "video", "max_frames": 16}, "model": model, "mixing": "sum",
+        "train": {"max_steps": steps, "checkpoint_every": steps, "batch_size": 8, "lr": 1e-3, "warmup_steps": 10,
+                  "num_workers": 0, "log_every": 50, "device": "cpu", "threads": 2, "schedule": "constant"},
+        "objectives": {o: {} for o in objectives}})
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory):
+    from videolm.pretrain.trainer import run_pretrain
+
+    root = tmp_path_factory.mktemp("moments")
+    features, manifest = write_moment_data(root)
+    run_pretrain(tiny_hero(300), features, manifest, root / "run", progress=False)
+    return root, features, manifest
+
+
+def test_tiny_overfit_run_localises_its_training_captions(overfit_run, capsys):
+    from videolm.cli import main
+
+    root, features, manifest = overfit_run
+    out = root / "captions.json"
+    assert main(["eval-moments", "--checkpoint", str(root / "run"), "--features", str(features), "--manifest",
+                 str(manifest), "--split", "train", "--context", "captions", "--bootstrap", "200",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 whole-video" in printed and "SVMR:" in printed and "VCMR:" in printed
+    rep = json.loads(out.read_text())
+    assert rep["excluded"]["whole_video"] == 1 and rep["n_queries"] == 21
+    # the training condition (the query's line among the local level's inputs): learnt
+    assert rep["SVMR"]["metrics"]["R@1 IoU=0.5"] >= 80 and rep["SVMR"]["metrics"]["R@1 IoU=0.7"] >= 70
+    assert rep["VCMR"]["metrics"]["R@1 IoU=0.5"] >= 60 and rep["VR"]["metrics"]["R@1"] >= 70
+    rows = [json.loads(line) for line in (root / "captions.spans.jsonl").read_text().splitlines()]
+    assert len(rows) == 21 and all(len(r["svmr"]) <= 10 and r["svmr"][0][0] <= r["svmr"][0][1] for r in rows)
+    assert sum(r["svmr_iou1"] >= 0.5 for r in rows) == round(rep["SVMR"]["metrics"]["R@1 IoU=0.5"] * 21 / 100)
+
+    # the clips alone (no caption in the input): weaker, still well above chance
+    from videolm.moments.job import MomentConfig, run_moments
+
+    alone = run_moments(root / "run", features, manifest, MomentConfig(split="train", context="video", bootstrap=200))
+    assert alone["SVMR"]["metrics"]["R@10 IoU=0.5"] >= 70
+    assert alone["SVMR"]["metrics"]["mIoU"] >= 15
+
+
+def test_models_without_vsm_heads_are_refused(tmp_path):
+    from videolm.moments.job import MomentConfig, run_moments
+    from videolm.pretrain.trainer import run_pretrain
+    from videolm.retrieval.queries import EvalError
+
+    features, manifest = write_moment_data(tmp_path)
+    run_pretrain(tiny_hero(1, ("joint",), "two_stream"), features, manifest, tmp_path / "run", progress=False)
+    with pytest.raises(EvalError, match="vsm objective.*'two_stream' trained with joint.*no start/end heads"):
+        run_moments(tmp_path / "run", features, manifest, MomentConfig(split="train"))

@@ -105,12 +105,11 @@ def decode_spans(p_start: np.ndarray, p_end: np.ndarray, times: np.ndarray, cfg:
     return {"clips": clips[kept], "seconds": seconds[kept], "scores": vals[kept]}
 
 
-def corpus_spans(video_scores: np.ndarray, probs: list[tuple[np.ndarray, np.ndarray]], times: list[np.ndarray],
-                 cfg: SpanConfig) -> dict:
+def corpus_spans(video_scores: np.ndarray, probs_of, times: list[np.ndarray], cfg: SpanConfig) -> dict:
     """A query's top (video, span) pairs over the corpus (VCMR), HERO's way.
 
-    ``video_scores`` (V,) query-video scores; ``probs[v]`` the (start, end)
-    distributions over video v's clips, ``times[v]`` its (T_v, 2) clip times. Spans of
+    ``video_scores`` (V,) query-video scores; ``probs_of(v)`` the (start, end)
+    distributions over video v's clips (asked for the top videos only), ``times[v]`` its (T_v, 2) clip times. Spans of
     the top ``top_videos`` videos score ``p_start * exp(alpha * score) * p_end``; the
     best ``before_nms`` over all of them are suppressed per video and the first
     ``top_n`` kept. Returns ``{"videos": (K,), "clips", "seconds", "scores"}``.
@@ -119,7 +118,7 @@ def corpus_spans(video_scores: np.ndarray, probs: list[tuple[np.ndarray, np.ndar
     weight = np.exp(cfg.alpha * (video_scores[top] - video_scores[top[0]]))  # relative: exp stays finite
     cand_v, cand_c, cand_s = [], [], []
     for v, w in zip(top, weight):
-        p_start, p_end = probs[v]
+        p_start, p_end = probs_of(v)
         T = len(p_start)
         idx, vals = top_cells(span_scores(p_start, p_end, cfg) * w, cfg.before_nms)
         cand_v.append(np.full(len(idx), v))
