@@ -399,9 +399,10 @@ def _cmd_moments(args) -> int:
 
 
 def _add_compare(sub):
-    p = sub.add_parser("compare-runs", help="compare two retrieval reports side by side with a paired test",
+    p = sub.add_parser("compare-runs", help="compare two retrieval (or two caption) reports with a paired test",
                        description="Print both reports' metrics and a paired bootstrap test of R@1 over the queries "
-                                   "they share (matched by query key).")
+                                   "they share (matched by query key); for two eval-caption reports, of CIDEr-D "
+                                   "over the items they share.")
     p.add_argument("report_a")
     p.add_argument("report_b")
     p.add_argument("--bootstrap", type=int, default=10000, help="resamples (default 10000)")
@@ -414,6 +415,76 @@ def _cmd_compare(args) -> int:
 
     table, _ = compare_runs(Path(args.report_a), Path(args.report_b), n_boot=args.bootstrap, seed=args.seed)
     print(table)
+    return 0
+
+
+def _add_caption(sub):
+    p = sub.add_parser(
+        "caption", help="generate captions for a split's videos (or timed segments) with a two_stream decoder",
+        description="Caption every item of the split with the checkpoint's caption decoder (greedy or beam search), "
+                    "from the video alone or, with --with-transcript, with its subtitles as extra input. Writes one "
+                    "JSON line per item, the references beside the hypothesis, and <out>.meta.json.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or one checkpoint dir")
+    p.add_argument("--features", required=True, help="feature directory holding the split's videos")
+    p.add_argument("--manifest", required=True, help="manifest JSONL with the split's captions (the references)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to caption (default test)")
+    p.add_argument("--unit", default="video", choices=["video", "segment"],
+                   help="video (default): one caption per video (MSR-VTT); segment: one per timed caption span "
+                        "(YouCook2, as UniVL evaluates it)")
+    p.add_argument("--with-transcript", action="store_true",
+                   help="the cross encoder reads the item's subtitle/asr lines (UniVL's 'with transcript' setting)")
+    p.add_argument("--beam-size", type=int, default=1, help="1 (default): greedy; >1: beam search")
+    p.add_argument("--max-len", type=int, default=20, help="tokens generated at most, [SEP] included (default 20)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam ranking: log-prob sum / length**this (default 1.0: mean per token; 0: the sum)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating any n-gram of this size (0: off)")
+    p.add_argument("--batch-size", type=int, default=32, help="items captioned at once (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--out", default="captions.jsonl", help="captions JSONL (default captions.jsonl)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_caption)
+
+
+def _cmd_caption(args) -> int:
+    from .captioning.generate import GenerateConfig
+    from .captioning.job import CaptionConfig, run_caption
+
+    gen = GenerateConfig(beam_size=args.beam_size, max_len=args.max_len, length_penalty=args.length_penalty,
+                         no_repeat_ngram=args.no_repeat_ngram)
+    cfg = CaptionConfig(split=args.split, unit=args.unit, with_transcript=args.with_transcript,
+                        batch_size=args.batch_size, device=args.device, generate=gen)
+    meta = run_caption(Path(args.checkpoint), Path(args.features), Path(args.manifest), cfg, Path(args.out),
+                       progress=not args.quiet)
+    left = meta["left_out"]
+    print(f"caption: {meta['n_items']} {cfg.unit} captions ({'beam ' + str(gen.beam_size) if gen.beam_size > 1 else 'greedy'}"
+          f", {meta['captions_per_s']:.1f} captions/s); left out: {left['missing_features']} videos without "
+          f"features, {left['without_reference']} without a reference; wrote {args.out}")
+    return 0
+
+
+def _add_eval_caption(sub):
+    p = sub.add_parser(
+        "eval-caption", help="score captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap) with intervals",
+        description="Score a captions JSONL (videolm caption's) with the COCO caption scorers and their PTB "
+                    "tokenizer, with bootstrap 95%% intervals over items. Without java: METEOR unavailable, a "
+                    "Python tokenizer instead of PTB's, both recorded in the report.",
+    )
+    p.add_argument("captions", help="captions JSONL: key, hypothesis, references per line")
+    p.add_argument("--out", default="caption_report.json", help="report JSON (default caption_report.json)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_eval_caption)
+
+
+def _cmd_eval_caption(args) -> int:
+    from .captioning.job import metrics_line, run_eval_caption
+
+    report = run_eval_caption(Path(args.captions), Path(args.out), n_boot=args.bootstrap, seed=args.seed)
+    for name, why in report["unavailable"].items():
+        print(f"eval-caption: {name} unavailable: {why}")
+    print(metrics_line(report))
+    print(f"eval-caption: report {args.out}")
     return 0
 
 
@@ -570,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_moments(sub)
     _add_compare(sub)
+    _add_caption(sub)
+    _add_eval_caption(sub)
     _add_demo(sub)
     return parser
 

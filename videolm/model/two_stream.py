@@ -123,8 +123,10 @@ class TwoStreamModel(nn.Module):
         need_part(self, "align", "the alignment score")
         return self.align_head(pooled).squeeze(-1)
 
-    def decode(self, ids, mask, memory, memory_mask) -> torch.Tensor:
-        """Caption logits (B, L, vocab) for teacher-forced ``ids`` attending to ``memory``."""
+    def decode(self, ids, mask, memory, memory_mask, last_only: bool = False) -> torch.Tensor:
+        """Caption logits (B, L, vocab) for teacher-forced ``ids`` attending to ``memory``; with
+        ``last_only``, (B, 1, vocab) at the last position only (generation: the vocabulary projection
+        is most of a step's work)."""
         need_part(self, "decoder", "caption decoding")
         L = ids.shape[1]
         if L > self.cfg.max_text_len:
@@ -132,4 +134,6 @@ class TwoStreamModel(nn.Module):
         positions = self.text.embeddings.position_embeddings.weight[:L]  # shared with the text encoder (UniVL)
         x = self.decoder_drop(self.decoder_norm(F.embedding(ids, self.word_embeddings) + positions))
         h = self.decoder(x, mask, causal=True, memory=memory, memory_mask=memory_mask)
+        if last_only:
+            h = h[:, -1:]
         return self.decoder_head(h) @ self.word_embeddings.t() + self.caption_bias

@@ -362,7 +362,9 @@ class CaptionReconstruction(nn.Module):
     ``input_mask_prob`` is the share of caption tokens replaced by [MASK] in the
     cross encoder's input: UniVL uses 0.15; 1.0 makes it captioning from video alone.
     ``enhanced_v`` (UniVL's EnhancedV) hides the whole input text of that share of
-    examples.
+    examples. ``condition: video`` makes the cross encoder read ``[CLS] [SEP]`` and the
+    clean video instead (UniVL's caption fine-tuning without transcript), the input
+    ``videolm caption`` generates from (docs/captioning.md).
     """
 
     name = "caption"
@@ -370,10 +372,16 @@ class CaptionReconstruction(nn.Module):
     architectures = ("two_stream",)
     masked_pass = "decoder"  # reads the shared masked pass; its own input masking only without mlm
 
-    def __init__(self, model, vocab: TextVocab, input_mask_prob: float = 0.15, enhanced_v: float = 0.0):
+    def __init__(self, model, vocab: TextVocab, input_mask_prob: float = 0.15, enhanced_v: float = 0.0,
+                 condition: str = "caption"):
         super().__init__()
         self.vocab, self.input_mask_prob = vocab, input_mask_prob
         self.enhanced_v = check_probability("caption", "enhanced_v", enhanced_v)
+        if condition not in CAPTION_CONDITIONS:
+            raise ConfigError(f"caption: condition must be one of {', '.join(CAPTION_CONDITIONS)}, got {condition!r}")
+        self.condition = condition
+        if condition == "video":  # reads no shared masked pass: its own pass over [CLS] [SEP] + the video
+            self.masked_pass = None
 
     def corrupt(self, ids, mask, gen):
         """The cross encoder's input text: ``input_mask_prob`` of the words set to [MASK] (no mlm labels)."""
@@ -382,16 +390,28 @@ class CaptionReconstruction(nn.Module):
         hidden = (uniform(ids.shape, gen, ids.device) < self.input_mask_prob) & maskable
         return ids.masked_fill(hidden, v.mask), None
 
+    def memory(self, model, batch, gen, passes=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross encoder states over [text; video], their mask): what the decoder attends to."""
+        tm, vm = batch["text_mask"], batch["video_mask"]
+        if self.condition == "video":  # [CLS] [SEP] and the clean video, as `videolm caption` reads them
+            v, B, dev = self.vocab, tm.shape[0], tm.device
+            tm = torch.ones(B, 2, dtype=torch.bool, device=dev)
+            out = model({**batch, "text_ids": torch.tensor([[v.cls, v.sep]], device=dev).expand(B, 2),
+                         "text_mask": tm})
+        else:
+            out = own_passes(self, model, batch, gen, passes).masked().out  # UniVL decodes from its masked pass
+        return torch.cat([out.cross_text, out.cross_video], 1), torch.cat([tm, vm], 1)
+
     def forward(self, model, batch, gen, passes=None):
-        ids, tm, vm = batch["text_ids"], batch["text_mask"], batch["video_mask"]
-        out = own_passes(self, model, batch, gen, passes).masked().out  # UniVL decodes from its masked pass
-        memory = torch.cat([out.cross_text, out.cross_video], 1)
-        memory_mask = torch.cat([tm, vm], 1)
+        ids, tm = batch["text_ids"], batch["text_mask"]
+        memory, memory_mask = self.memory(model, batch, gen, passes)
         logits = model.decode(ids[:, :-1], tm[:, :-1], memory, memory_mask).float()
         target = ids[:, 1:].masked_fill(~tm[:, 1:], IGNORE)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
         return {"caption_loss": loss}
 
+
+CAPTION_CONDITIONS = ("caption", "video")  # what caption's cross encoder reads besides the video
 
 OBJECTIVES = {
     "mlm": MaskedLanguageModelling,

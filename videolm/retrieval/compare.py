@@ -1,4 +1,5 @@
-"""``videolm compare-runs``: two retrieval reports side by side, with a paired bootstrap test.
+"""``videolm compare-runs``: two retrieval reports side by side, with a paired bootstrap test
+(two caption reports: ``captioning.compare``, paired on CIDEr-D).
 
 Queries are matched by key (``per_query.keys`` of each direction), so two
 reports on the same split compare query for query even if one left some out.
@@ -23,8 +24,12 @@ def _load_report(path: Path) -> dict:
         raise ConfigError(f"{path}: no such report") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not a JSON report ({exc})") from None
+    if rep.get("kind") == "caption":
+        if "per_item" not in rep:
+            raise ConfigError(f"{path}: a caption report without per-item scores")
+        return rep
     if not all(d in rep and "per_query" in rep[d] for d in DIRECTIONS):
-        raise ConfigError(f"{path}: not a videolm retrieval report (no per-query ranks)")
+        raise ConfigError(f"{path}: not a videolm retrieval or caption report (no per-query ranks)")
     return rep
 
 
@@ -51,6 +56,13 @@ def compare_runs(path_a: Path, path_b: Path, n_boot: int = 10000, seed: int = 0)
     if name_a == name_b:
         name_a, name_b = "A", "B"
     lines = [f"A = {path_a}", f"B = {path_b}"]
+    if (a.get("kind") == "caption") != (b.get("kind") == "caption"):
+        raise ConfigError(f"{path_a} and {path_b}: one is a caption report, the other a retrieval report")
+    if a.get("kind") == "caption":  # videolm eval-caption reports: paired bootstrap on CIDEr-D
+        from ..captioning.compare import compare_caption_reports
+
+        more, tests = compare_caption_reports(a, b, (name_a, name_b), n_boot, seed, format_p)
+        return "\n".join(lines + more), tests
     for what in ("split", "query_mode", "n_videos"):
         if a.get(what) != b.get(what):
             lines.append(f"warning: {what} differs: A {a.get(what)!r}, B {b.get(what)!r}")

@@ -1,0 +1,1 @@
+"""Caption generation (greedy, beam search) with the two_stream decoder, the COCO caption metrics, reports."""
