@@ -219,6 +219,58 @@ def _cmd_verify(args) -> int:
     return 0 if result.after.ok else EXIT_RUN_FAILED
 
 
+def _add_finetune(sub):
+    p = sub.add_parser(
+        "finetune", help="fine-tune a pretrained (or imported) checkpoint on a task recipe, selecting on val",
+        description="Start from --init's model weights (and the heads of objectives of the same name) with a "
+                    "fresh optimiser and schedule, train the task recipe (pipelines/ft_*.yaml) on the manifest's "
+                    "train split, score select.metric on select.val_split every select.every steps, keep the best "
+                    "checkpoint in OUT/best and stop after select.patience scorings without a gain.",
+    )
+    p.add_argument("--init", required=True, metavar="RUN_OR_CHECKPOINT",
+                   help="pretraining run directory, its best/, or one checkpoint directory")
+    p.add_argument("--config", help="task recipe YAML (required unless --resume finds the run's own config)")
+    p.add_argument("--features", required=True, help="feature directory of the task's videos")
+    p.add_argument("--manifest", required=True, help="manifest JSONL with train and val splits")
+    p.add_argument("--root", help="refuse manifest video paths that resolve (symlinks followed) outside this folder")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, best/, selection.jsonl, metrics")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. max_steps=200 lr=5e-5 select.every=50 patience=3")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _recipe_for(args, extra: list[str] = ()):
+    """The recipe of a pretrain/finetune command: --config, or on --resume the run's own, with overrides."""
+    from .pretrain.checkpoint import latest_checkpoint
+    from .pretrain.recipe import load_recipe
+
+    config = args.config
+    if config is None:
+        ckpt = latest_checkpoint(args.out) if args.resume and Path(args.out).exists() else None
+        if ckpt is None:
+            raise ConfigError("--config is required (no checkpoint to resume from in --out)")
+        config = ckpt / "config.yaml"
+    return load_recipe(config, list(args.overrides) + list(extra))
+
+
+def _cmd_finetune(args) -> int:
+    _check_root(args)
+    from .finetune.job import run_finetune
+
+    summary = run_finetune(args.init, _recipe_for(args), args.features, args.manifest, args.out,
+                           resume=args.resume, progress=not args.quiet)
+    line = f"finetune: {summary['steps']} steps in {summary['seconds']:.1f} s"
+    if summary.get("stopped_early"):
+        line += " (stopped early: no gain on val)"
+    print(line + f"; last checkpoint {summary['checkpoint']}")
+    if "best" in summary:
+        b = summary["best"]
+        print(f"finetune: best val {b['metric']} {b['score']:.2f} at step {b['step']}: {b['checkpoint']}")
+    return 0
+
+
 def _add_pretrain(sub):
     p = sub.add_parser(
         "pretrain", help="pretrain a video-text model over feature shards with a recipe of objectives",
@@ -245,19 +297,11 @@ def _add_pretrain(sub):
 
 def _cmd_pretrain(args) -> int:
     _check_root(args)
-    from .pretrain.checkpoint import latest_checkpoint
-    from .pretrain.recipe import load_recipe
     from .pretrain.trainer import run_pretrain
 
-    overrides = list(args.overrides) + ([f"model.text_init={args.text_init}"] if args.text_init else [])
-    overrides += [f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []
-    config = args.config
-    if config is None:
-        ckpt = latest_checkpoint(args.out) if args.resume and Path(args.out).exists() else None
-        if ckpt is None:
-            raise ConfigError("--config is required (no checkpoint to resume from in --out)")
-        config = ckpt / "config.yaml"
-    cfg = load_recipe(config, overrides)
+    extra = [f"model.text_init={args.text_init}"] if args.text_init else []
+    extra += [f"train.init_from={Path(args.init_from).resolve()}"] if args.init_from else []
+    cfg = _recipe_for(args, extra)
     summary = run_pretrain(cfg, args.features, args.manifest, args.out, resume=args.resume,
                            progress=not args.quiet)
     if summary.get("loss_plot") is not None or summary["world_size"] == 1:
@@ -637,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_verify(sub)
     _add_pretrain(sub)
+    _add_finetune(sub)
     _add_import_checkpoint(sub)
     _add_eval(sub)
     _add_moments(sub)

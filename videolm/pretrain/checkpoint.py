@@ -190,3 +190,21 @@ def load_pretrained(path: str | os.PathLike, device: str = "cpu"):
     load_into(model, load_model_state(ckpt), ckpt)
     model.to(device).eval()
     return model, load_tokenizer(ckpt / "tokenizer"), cfg
+
+
+def training_record(ckpt: Path) -> dict:
+    """How a checkpoint's model was trained, for reports: pretrained only (zero-shot downstream) or
+    fine-tuned from another checkpoint, and on which features, manifest and split."""
+    cfg = load_run_config(ckpt)
+    meta_path = Path(ckpt) / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    record = {"kind": "fine-tuned" if cfg.train.init_from else "pretrained",
+              "zero_shot": not cfg.train.init_from,  # scored on a task it was not fine-tuned for
+              "objectives": cfg.objective_names, "step": meta.get("step"),
+              "trained_on": {"features": meta.get("features"), "manifest": meta.get("manifest"),
+                             "split": cfg.train.split}}
+    if cfg.train.init_from:
+        record["init_from"] = cfg.train.init_from
+    if "selected_on" in meta:
+        record["selected_on"] = meta["selected_on"]
+    return record

@@ -18,6 +18,7 @@ fresh optimiser.
 
 from __future__ import annotations
 
+
 import json
 import logging
 import os
@@ -162,4 +163,4 @@ def _recipe(mcfg: ModelConfig, sizes: dict) -> PretrainConfig:
                   and (k != "caption" or sizes["decoder_layers"])}
     cfg = recipe_from_dict({"data": {"mode": "segment", "max_frames": mcfg.max_frames, "min_segment_seconds": 5.0},
                             "train": {"lr": 1e-4, "text_lr_scale": 0.1}, "mixing": "sum", "objectives": objectives})
-    return PretrainConfig(cfg.data, mcfg, cfg.train, cfg.stages)
+    return replace(cfg, model=mcfg)

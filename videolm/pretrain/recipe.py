@@ -5,6 +5,7 @@ A recipe YAML (``pipelines/*.yaml``) has four parts::
     data:   {mode: segment, max_frames: 32, ...}          # data.DataConfig
     model:  {hidden: 384, text_init: default, ...}        # model.ModelConfig
     train:  {batch_size: 32, lr: 1e-4, max_steps: 1000}  # TrainConfig
+    select: {every: 100, metric: retrieval_r1, patience: 3}  # SelectConfig (optional)
     stages:                                               # or, for one stage, top-level
       - name: stage1                                      # `mixing:` and `objectives:`
         fraction: 0.5      # share of max_steps
@@ -78,6 +79,34 @@ class TrainConfig:
             raise ConfigError("lr must be > 0; warmup_steps, num_workers, threads and grad_clip >= 0")
 
 
+SELECT_METRICS = ("retrieval_r1", "cider", "moment_r1")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Model selection on a held-out split (``videolm finetune``; docs/finetuning.md).
+
+    Every ``every`` steps (0: never) the model is scored on ``val_split`` with
+    ``metric``; the best checkpoint so far is kept in ``<run>/best``, and the run
+    stops after ``patience`` scorings without a gain (0: never stops early).
+    """
+
+    every: int = 0
+    metric: str = "retrieval_r1"  # retrieval_r1: text-to-video R@1 | cider | moment_r1 (VCMR R@1, IoU 0.5)
+    val_split: str = "val"
+    patience: int = 0
+    query_mode: str = "caption"  # retrieval_r1: one query per caption, or per video (all captions joined)
+    max_videos: int = 0  # score on the first N videos of the split only; 0: all
+
+    def __post_init__(self):
+        if self.metric not in SELECT_METRICS:
+            raise ConfigError(f"select.metric must be one of {', '.join(SELECT_METRICS)}, got {self.metric!r}")
+        if self.every < 0 or self.patience < 0 or self.max_videos < 0:
+            raise ConfigError("select.every, select.patience and select.max_videos must be >= 0")
+        if self.query_mode not in ("caption", "video"):
+            raise ConfigError(f"select.query_mode must be caption or video, got {self.query_mode!r}")
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
@@ -117,6 +146,7 @@ class PretrainConfig:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     stages: tuple[StageSpec, ...] = ()
+    select: SelectConfig = SelectConfig()
 
     def __post_init__(self):
         check_architecture(self.objective_names, self.model.architecture)
@@ -172,10 +202,10 @@ def _stage(data: dict) -> StageSpec:
 
 def recipe_from_dict(raw: dict) -> PretrainConfig:
     raw = dict(raw or {})
-    unknown = set(raw) - {"data", "model", "train", "stages", "objectives", "mixing"}
+    unknown = set(raw) - {"data", "model", "train", "select", "stages", "objectives", "mixing"}
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; "
-                          "expected data, model, train and stages (or objectives + mixing)")
+                          "expected data, model, train, select and stages (or objectives + mixing)")
     if "stages" in raw and ("objectives" in raw or "mixing" in raw):
         raise ConfigError("give either `stages:` or top-level `objectives:`/`mixing:`, not both")
     stages_raw = raw.get("stages") or [{"objectives": raw.get("objectives"), "mixing": raw.get("mixing", "sum")}]
@@ -192,6 +222,7 @@ def recipe_from_dict(raw: dict) -> PretrainConfig:
         model=from_dict(ModelConfig, raw.get("model") or {}),
         train=from_dict(TrainConfig, raw.get("train") or {}),
         stages=stages,
+        select=from_dict(SelectConfig, raw.get("select") or {}),
     )
 
 
@@ -200,6 +231,7 @@ def recipe_to_dict(cfg: PretrainConfig) -> dict:
         "data": dataclasses.asdict(cfg.data),
         "model": dataclasses.asdict(cfg.model),
         "train": dataclasses.asdict(cfg.train),
+        "select": dataclasses.asdict(cfg.select),
         "stages": [{"name": s.name, "fraction": s.fraction, "mixing": s.mixing,
                     "objectives": {o.name: {"weight": o.weight, "ratio": o.ratio, **o.options} for o in s.objectives}}
                    for s in cfg.stages],
@@ -221,7 +253,7 @@ def save_recipe(cfg: PretrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(recipe_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "select": SelectConfig}
 
 
 def apply_overrides(cfg: PretrainConfig, overrides: list[str]) -> PretrainConfig:

@@ -165,7 +165,7 @@ def resolve_run_config(cfg: PretrainConfig, store: FeatureStore, ckpt: Path | No
     mcfg = replace(mcfg, parts=parts_with_needs(set(mcfg.parts or ()) | set(model_parts_for(cfg.objective_names))))
     if ckpt is None and cfg.train.init_from:
         mcfg = init_model_config(mcfg, cfg.train.init_from, rank)
-    cfg = PretrainConfig(cfg.data, mcfg, cfg.train, cfg.stages)
+    cfg = replace(cfg, model=mcfg)
     if ckpt is None:
         return cfg
     saved = load_run_config(ckpt)
@@ -175,7 +175,7 @@ def resolve_run_config(cfg: PretrainConfig, store: FeatureStore, ckpt: Path | No
     if before != world and rank == 0:
         log.warning("resuming a run trained with %d process(es) on %d: the global batch and data order "
                     "change, so losses will not repeat an uninterrupted run", before, world)
-    return PretrainConfig(saved.data, saved.model, cfg.train, saved.stages)
+    return replace(cfg, data=saved.data, model=saved.model, stages=saved.stages)  # select may change on resume
 
 
 def init_checkpoint(path: str) -> Path:

@@ -225,7 +225,9 @@ def save(run: Run, out: Path, step: int, meta: dict) -> Path | None:
 
 
 def run_pretrain(cfg: PretrainConfig, features: str | Path, manifest: str | Path, out: str | Path,
-                 resume: bool = False, progress: bool = True) -> dict:
+                 resume: bool = False, progress: bool = True, after_step=None) -> dict:
+    """Train ``cfg`` and return a summary. ``after_step(run, step, last) -> stop?`` runs after every
+    optimizer step on every rank (``finetune.selection.Selector``: model selection and early stopping)."""
     out = Path(out)
     device = cfg.train.device
     if device == "auto":
@@ -235,7 +237,7 @@ def run_pretrain(cfg: PretrainConfig, features: str | Path, manifest: str | Path
         run = _start(cfg, Path(features), Path(manifest), out, resume, rank, world, device)
         meta = {"features": str(features), "manifest": str(manifest), "world_size": world}
         with _sigterm_raises():
-            return _train(run, out, meta, progress)
+            return _train(run, out, meta, progress, after_step)
     finally:
         shutdown_distributed()
 
@@ -284,8 +286,9 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train(run: Run, out: Path, meta: dict, progress: bool) -> dict:
+def _train(run: Run, out: Path, meta: dict, progress: bool, after_step=None) -> dict:
     tc, t0 = run.cfg.train, time.perf_counter()
+    stopped_early = False
     metrics = MetricsLogger(out, enabled=run.rank == 0, resume_step=run.start if run.checkpoint else None)
     bar = _progress_bar(run, progress)
     log_window = _LogWindow(run, metrics, bar, progress)
@@ -300,6 +303,10 @@ def _train(run: Run, out: Path, meta: dict, progress: bool) -> dict:
                 t_save = time.perf_counter()
                 last_ckpt = save(run, out, step, meta)
                 log_window.t_window += time.perf_counter() - t_save  # examples/s measures training, not saving
+            if after_step is not None and after_step(run, step, step == tc.max_steps):
+                stopped_early = step < tc.max_steps
+                if stopped_early:
+                    break
     except KeyboardInterrupt as exc:  # Ctrl-C, or Terminated (SIGTERM)
         _checkpoint_on_interrupt(run, out, step, meta, exc)
         raise
@@ -308,7 +315,7 @@ def _train(run: Run, out: Path, meta: dict, progress: bool) -> dict:
             bar.close()
         metrics.close()
     last_ckpt = save(run, out, step, meta) if step > run.start or last_ckpt is None else last_ckpt
-    return _summary(run, out, metrics, step, last_ckpt, time.perf_counter() - t0)
+    return _summary(run, out, metrics, step, last_ckpt, time.perf_counter() - t0, stopped_early)
 
 
 def _progress_bar(run: Run, progress: bool):
@@ -382,7 +389,8 @@ def _checkpoint_on_interrupt(run: Run, out: Path, step: int, meta: dict, exc: Ke
               file=sys.stderr)
 
 
-def _summary(run: Run, out: Path, metrics: MetricsLogger, step: int, last_ckpt, seconds: float) -> dict:
+def _summary(run: Run, out: Path, metrics: MetricsLogger, step: int, last_ckpt, seconds: float,
+             stopped_early: bool = False) -> dict:
     tc = run.cfg.train
     examples_per_step = tc.batch_size * tc.grad_accum * run.world
     summary = {"steps": step, "resumed_from": run.start, "skipped_steps": run.skipped_total, "seconds": seconds,
@@ -390,7 +398,7 @@ def _summary(run: Run, out: Path, metrics: MetricsLogger, step: int, last_ckpt, 
                "examples_per_s": examples_per_step * (step - run.start) / max(seconds, 1e-9),
                "checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(out),
                "examples": len(run.dataset), "videos_missing_features": run.dataset.missing,
-               "captions_without_clips": run.dataset.uncovered}
+               "captions_without_clips": run.dataset.uncovered, "stopped_early": stopped_early}
     if run.rank == 0:
         summary["loss_plot"] = str(metrics.plot()) if (out / "metrics.jsonl").exists() else None
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -166,7 +166,7 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
              rankings: Path | None = None, plot: Path | None = None, progress: bool = True,
              untrained: bool = False) -> dict:
     """Evaluate a checkpoint (or, with ``untrained``, its architecture at initialisation) and write outputs."""
-    from ..pretrain.checkpoint import latest_checkpoint, load_pretrained
+    from ..pretrain.checkpoint import latest_checkpoint, load_pretrained, training_record
     from ..model.video_text import build_model
 
     model, tokenizer, run_cfg = load_pretrained(checkpoint, cfg.device)
@@ -174,7 +174,7 @@ def run_eval(checkpoint: Path, features: Path, manifest: Path, cfg: EvalConfig, 
     meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
     model_id = model_fields(ckpt, meta.get("step"), untrained, cfg.seed)
     about = {"model": {"kind": "checkpoint", "checkpoint": str(ckpt), "step": meta.get("step"),
-                       "objectives": run_cfg.objective_names}}
+                       "objectives": run_cfg.objective_names, "training": training_record(ckpt)}}
     if cfg.rerank_top:
         require_align_head(model, run_cfg.objective_names)
     if untrained:
