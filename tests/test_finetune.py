@@ -126,3 +126,19 @@ def test_cli_finetune_and_resume(task, tmp_path, capsys):
     assert [r["step"] for r in read_selection(out)] == [1, 2, 3, 4]
     record = json.loads((out / "finetune.json").read_text())
     assert record["steps"] == 4 and record["best"]["step"] in (1, 2, 3, 4)
+
+
+def test_caption_and_moment_metrics_select_too(task, tmp_path):
+    caption = _ft_cfg("ft_caption.yaml", ["max_steps=2", "select.every=1", "patience=0", "data.mode=segment"])
+    run_finetune(task["pre"], caption, task["features"], task["manifest"], tmp_path / "cap", progress=False)
+    rows = read_selection(tmp_path / "cap")
+    assert [r["metric"] for r in rows] == ["cider", "cider"] and all(r["score"] >= 0 for r in rows)
+    assert latest_checkpoint(tmp_path / "cap" / "best") is not None
+
+    hero = apply_overrides(recipe_from_dict({"model": {"architecture": "hierarchical"}, "data": {"mode": "video"},
+                                             "objectives": {"vsm": {}}}), TINY_OVERRIDES + ["max_steps=2"])
+    run_pretrain(hero, task["features"], task["manifest"], tmp_path / "hero", progress=False)
+    moments = _ft_cfg("ft_moments.yaml", ["max_steps=2", "select.every=2", "grad_accum=1", "warmup_steps=0"])
+    run_finetune(tmp_path / "hero", moments, task["features"], task["manifest"], tmp_path / "mom", progress=False)
+    rows = read_selection(tmp_path / "mom")
+    assert [r["metric"] for r in rows] == ["moment_r1"] and 0 <= rows[0]["score"] <= 100

@@ -20,7 +20,7 @@ from ..pretrain.checkpoint import latest_checkpoint, load_run_config
 from ..pretrain.objectives import check_architecture
 from ..pretrain.recipe import PretrainConfig
 from ..pretrain.trainer import run_pretrain
-from .selection import Selector, retrieval_r1
+from .selection import Selector, caption_cider, moment_r1, retrieval_r1
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def init_checkpoint_for(init: str | Path, cfg: PretrainConfig) -> Path:
     return ckpt
 
 
-def scorer(cfg: PretrainConfig, features: Path, manifest: Path):
+def scorer(cfg: PretrainConfig, features: Path, manifest: Path, out: Path):
     """The ``select.metric`` function over the held-out split, or None when selection is off."""
     sel = cfg.select
     if not sel.every:
@@ -52,11 +52,11 @@ def scorer(cfg: PretrainConfig, features: Path, manifest: Path):
                           "(set select.val_split, or select.every=0 to keep only the last checkpoint)")
     if sel.max_videos:
         entries = entries[: sel.max_videos]
-    metrics = {"retrieval_r1": retrieval_r1}
-    if sel.metric not in metrics:
-        raise ConfigError(f"select.metric {sel.metric} is not available in this videolm; use retrieval_r1")
     store = FeatureStore(features)
-    score = metrics[sel.metric]
+    if sel.metric == "moment_r1":
+        scratch = Path(out) / ".selecting"
+        return lambda run: moment_r1(run, entries, store, sel, scratch)
+    score = {"retrieval_r1": retrieval_r1, "cider": caption_cider}[sel.metric]
     return lambda run: score(run, entries, store, sel)
 
 
@@ -68,7 +68,7 @@ def run_finetune(init: str | Path, cfg: PretrainConfig, features: str | Path, ma
     else:
         ckpt = init_checkpoint_for(init, cfg)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(ckpt.resolve())))
-    score = scorer(cfg, features, manifest)
+    score = scorer(cfg, features, manifest, out)
     meta = {"features": str(features), "manifest": str(manifest), "init": str(ckpt)}
     selector = Selector(out, cfg.select, score, meta) if score is not None else None
     summary = run_pretrain(cfg, features, manifest, out, resume=resume, progress=progress, after_step=selector)

@@ -44,6 +44,34 @@ def retrieval_r1(run, entries: list, store, cfg: SelectConfig) -> float:
     return float(part["t2v"]["metrics"]["R@1"])
 
 
+def caption_cider(run, entries: list, store, cfg: SelectConfig) -> float:
+    """CIDEr-D of greedy captions on the held-out items (per timed segment, or per video when the recipe
+    trains on whole videos), pycocoevalcap's scorer; tokenised by the Python fallback (no Java per scoring)."""
+    from ..captioning.generate import Captioner, GenerateConfig
+    from ..captioning.job import CaptionConfig, build_items, generate_rows
+    from ..captioning.metrics import evaluate_captions
+
+    unit = "video" if run.cfg.data.mode == "video" else "segment"
+    ccfg = CaptionConfig(split=cfg.val_split, unit=unit, device=run.device)
+    items, _ = build_items(entries, store, unit)
+    rows = generate_rows(Captioner(run.model, run.tokenizer, GenerateConfig()), store, items, run.tokenizer, ccfg)
+    return float(evaluate_captions(rows, n_boot=1, use_java=False)["metrics"]["CIDEr-D"])
+
+
+def moment_r1(run, entries: list, store, cfg: SelectConfig, scratch: Path) -> float:
+    """VCMR R@1 at IoU 0.5 (%) as ``videolm eval-moments`` computes it, on a scratch checkpoint of the
+    current weights (the moment evaluator loads the vsm query layer from a checkpoint)."""
+    from ..moments.job import MomentConfig, run_moments
+
+    from ..manifests.manifest import write_manifest
+
+    ckpt = save_checkpoint(scratch, 0, run.model, run.objectives, run.cfg, run.tokenizer, {}, {}, keep=1)
+    manifest = write_manifest(entries, scratch / "val.jsonl")
+    report = run_moments(ckpt, store.directory, manifest, MomentConfig(split=cfg.val_split, device=run.device,
+                                                                        bootstrap=1))
+    return float(report["VCMR"]["metrics"]["R@1 IoU=0.5"])
+
+
 def read_selection(out: Path) -> list[dict]:
     path = out / SELECTION_LOG
     if not path.is_file():
