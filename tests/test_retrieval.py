@@ -138,7 +138,7 @@ def test_eval_bad_input_messages(run, tmp_path, capsys):
     # not a report
     (tmp_path / "x.json").write_text("{}")
     assert main(["compare-runs", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == 2
-    assert "not a videolm retrieval report" in capsys.readouterr().err
+    assert "not a videolm retrieval or caption report" in capsys.readouterr().err
 
 
 def test_missing_test_videos_are_reported_excluded_and_counted(run, tmp_path):
