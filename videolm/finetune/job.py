@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..features.shards import FeatureStore
-from ..manifests.manifest import load_manifest
+from ..manifests.manifest import load_manifest, write_manifest
 from ..pretrain.checkpoint import latest_checkpoint, load_run_config
 from ..pretrain.objectives import check_architecture
 from ..pretrain.recipe import PretrainConfig
@@ -53,9 +53,10 @@ def scorer(cfg: PretrainConfig, features: Path, manifest: Path, out: Path):
     if sel.max_videos:
         entries = entries[: sel.max_videos]
     store = FeatureStore(features)
-    if sel.metric == "moment_r1":
+    if sel.metric == "moment_r1":  # the evaluator reads a manifest: the user's, or its first N val videos once
         scratch = Path(out) / ".selecting"
-        return lambda run: moment_r1(run, entries, store, sel, scratch)
+        val = manifest if not sel.max_videos else write_manifest(entries, scratch / "val.jsonl")
+        return lambda run: moment_r1(run, val, store, sel, scratch)
     score = {"retrieval_r1": retrieval_r1, "cider": caption_cider}[sel.metric]
     return lambda run: score(run, entries, store, sel)
 

@@ -58,15 +58,12 @@ def caption_cider(run, entries: list, store, cfg: SelectConfig) -> float:
     return float(evaluate_captions(rows, n_boot=1, use_java=False)["metrics"]["CIDEr-D"])
 
 
-def moment_r1(run, entries: list, store, cfg: SelectConfig, scratch: Path) -> float:
-    """VCMR R@1 at IoU 0.5 (%) as ``videolm eval-moments`` computes it, on a scratch checkpoint of the
-    current weights (the moment evaluator loads the vsm query layer from a checkpoint)."""
+def moment_r1(run, manifest: Path, store, cfg: SelectConfig, scratch: Path) -> float:
+    """VCMR R@1 at IoU 0.5 (%) as ``videolm eval-moments`` computes it over ``manifest``'s val split, on a
+    scratch checkpoint of the current weights (the moment evaluator loads the vsm query layer from one)."""
     from ..moments.job import MomentConfig, run_moments
 
-    from ..manifests.manifest import write_manifest
-
     ckpt = save_checkpoint(scratch, 0, run.model, run.objectives, run.cfg, run.tokenizer, {}, {}, keep=1)
-    manifest = write_manifest(entries, scratch / "val.jsonl")
     report = run_moments(ckpt, store.directory, manifest, MomentConfig(split=cfg.val_split, device=run.device,
                                                                         bootstrap=1))
     return float(report["VCMR"]["metrics"]["R@1 IoU=0.5"])
