@@ -72,6 +72,33 @@ def test_metrics_equal_pycocoevalcap_called_directly():
         assert lo <= rep["metrics"][m] + 1e-9 and rep["metrics"][m] <= hi + 1e-9 or m.startswith("BLEU"), m
 
 
+@pytest.mark.skipif(not HAS_JAVA, reason="METEOR runs java")
+def test_meteor_corpus_score_from_summed_statistics_equals_the_jar():
+    from pycocoevalcap.meteor.meteor import Meteor
+    from videolm.captioning import meteor
+
+    rows = ROWS + [{"key": f"s{i}", "hypothesis": h, "references": [r]} for i, (h, r) in enumerate(
+        [("a red 6 moves left", "a red 6 moves left"), ("a blue 2 moves up", "a blue 7 moves up"),
+         ("nothing", "a green 3 moves down"), ("a yellow 5 moves down", "a yellow 5 moves right")])]
+    gts = cm.tokenize({r["key"]: r["references"] for r in rows}, use_java=False)
+    res = cm.tokenize({r["key"]: [r["hypothesis"]] for r in rows}, use_java=False)
+    keys = list(gts)
+    corpus, items, stats = meteor.jar_scores(gts, res, keys)
+    direct, direct_items = Meteor().compute_score(gts, res)
+    assert corpus == pytest.approx(direct, abs=1e-12) and items == pytest.approx(direct_items, abs=1e-12)
+    assert corpus != pytest.approx(np.mean(items), abs=1e-3)  # the corpus score is not the mean of the items
+    assert meteor.corpus_from_stats(stats.sum(0))[0] == pytest.approx(corpus, abs=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # any resample (repeats included) as the jar scores it
+        idx = rng.integers(0, len(keys), rng.integers(1, 2 * len(keys)))
+        sub = {f"{n}": gts[keys[i]] for n, i in enumerate(idx)}, {f"{n}": res[keys[i]] for n, i in enumerate(idx)}
+        assert meteor.corpus_from_stats(stats[idx].sum(0))[0] == pytest.approx(Meteor().compute_score(*sub)[0],
+                                                                                abs=1e-12)
+    rep = cm.evaluate_captions(rows, n_boot=300, use_java=True)
+    lo, hi = rep["ci95"]["METEOR"]
+    assert lo <= rep["metrics"]["METEOR"] <= hi
+
+
 def test_one_sentence_worked_by_hand():
     # hyp "the cat sat on the mat", ref "the cat is on the mat": 6 words each (no brevity penalty)
     # 1-grams 5/6 (all but "sat"), 2-grams 3/5 (the cat, on the, the mat), 3-grams 1/4 (on the mat), 4-grams 0/3

@@ -126,6 +126,10 @@ def test_cli_finetune_and_resume(task, tmp_path, capsys):
     assert [r["step"] for r in read_selection(out)] == [1, 2, 3, 4]
     record = json.loads((out / "finetune.json").read_text())
     assert record["steps"] == 4 and record["best"]["step"] in (1, 2, 3, 4)
+    # resuming with the recipe given again (as `videolm demo` does): its model section was set aside for the
+    # --init checkpoint's on the first run, so it is not a config change now
+    assert main(args[:-3] + ["max_steps=5", "select.every=1", "patience=0", "--resume"]) == 0
+    assert json.loads((out / "finetune.json").read_text())["steps"] == 5
 
 
 def test_caption_and_moment_metrics_select_too(task, tmp_path):

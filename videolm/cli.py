@@ -31,6 +31,7 @@ def _add_synth(sub):
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split written in the manifest")
     p.add_argument("--id-prefix", default="synth", help="prefix of video ids (default 'synth')")
+    p.add_argument("--workers", type=int, default=1, help="render in this many processes (default 1; same files)")
     p.set_defaults(func=_cmd_synth)
 
 
@@ -39,7 +40,7 @@ def _cmd_synth(args) -> int:
 
     t0 = time.monotonic()
     manifest = synthesize(args.out, args.videos, args.seed, split=args.split, id_prefix=args.id_prefix,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), workers=args.workers)
     print(f"synth: {args.videos} videos in {time.monotonic() - t0:.1f} s; manifest {manifest}")
     return 0
 
@@ -534,17 +535,22 @@ def _cmd_eval_caption(args) -> int:
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="run the pipeline end to end on the embedded default (synthetic videos)",
-                       description="Synthesize train and test digit videos, extract 'pixels' features, quantise "
-                                   "them into visual words, pretrain the demo recipe on the train split and score "
-                                   "text-to-video retrieval on the test split against an untrained model and a "
-                                   "TF-IDF baseline.")
+                       description="Synthesize train, val and test digit videos, extract 'pixels' features, "
+                                   "quantise them into visual words, pretrain the demo recipe, fine-tune it for "
+                                   "retrieval and captions, train a moment model, and print three tables on the "
+                                   "test split (retrieval, captioning, moments), each against baselines.")
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out/)")
     p.add_argument("--train-videos", type=int, default=800, help="synthetic training videos (default 800)")
+    p.add_argument("--val-videos", type=int, default=100,
+                   help="synthetic val videos, for fine-tuning's model selection (default 100)")
     p.add_argument("--test-videos", type=int, default=200, help="synthetic test videos (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="train seed; the test split uses seed + 1 (default 0)")
-    p.add_argument("--workers", type=int, default=2, help="decoder processes for extraction (default 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="train seed; the test split uses seed + 1 and the val split seed + 2 (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="processes for synthesis and extraction (default 2)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="overrides for the demo pretraining recipe (pipelines/demo.yaml), e.g. max_steps=50")
+                   help="overrides for the demo's pretraining and moment recipes (pipelines/demo.yaml, "
+                        "demo_moments.yaml), e.g. max_steps=50; batch_size, max_steps, checkpoint_every, "
+                        "num_workers, threads and select.every also size the fine-tuning")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -552,7 +558,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(Path(args.out), train_videos=args.train_videos, test_videos=args.test_videos, seed=args.seed,
-                    workers=args.workers, train_overrides=tuple(args.overrides))
+                    workers=args.workers, train_overrides=tuple(args.overrides), val_videos=args.val_videos)
 
 
 def _import_common(p):
@@ -669,8 +675,8 @@ def _cmd_import_checkpoint(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videolm",
-        description="videolm: from raw videos to a text-to-video retrieval score. "
-                    "Stages: synth -> extract -> quantize -> pretrain -> eval-retrieval.",
+        description="videolm: from raw videos to downstream scores. Stages: synth -> extract -> quantize -> "
+                    "pretrain -> finetune -> eval-retrieval, caption, eval-moments.",
     )
     parser.add_argument("--version", action="version", version=f"videolm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -15,9 +15,10 @@
   CIDEr-D as is, as in the papers' tables.
 * Intervals: 95% percentile bootstrap over items (videos or segments). BLEU is a
   corpus statistic, so each resample sums the items' n-gram counts (``bleu_stats``,
-  the same rule as pycocoevalcap's scorer; a test checks the two agree); METEOR,
-  ROUGE-L and CIDEr-D resample the mean of the per-item scores (CIDEr-D's document
-  frequencies stay those of the whole set).
+  the same rule as pycocoevalcap's scorer; a test checks the two agree); so is
+  METEOR, recomputed from summed per-item statistics (``meteor``); ROUGE-L and
+  CIDEr-D resample the mean of the per-item scores (CIDEr-D's document frequencies
+  stay those of the whole set).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections import Counter
 import numpy as np
 
 from ..retrieval.metrics import _resamples
+from . import meteor
 
 log = logging.getLogger("videolm.captioning.metrics")
 BLEU_N = 4
@@ -99,8 +101,9 @@ def bleu_from_stats(stats: np.ndarray, n: int = BLEU_N) -> np.ndarray:
     return bleus * brevity[:, None]
 
 
-def score_items(gts: dict, res: dict, with_meteor: bool) -> tuple[dict, dict]:
-    """(corpus scores, per-item scores in key order) of tokenised references ``gts`` and hypotheses ``res``."""
+def score_items(gts: dict, res: dict, with_meteor: bool) -> tuple[dict, dict, np.ndarray | None]:
+    """(corpus scores, per-item scores in key order, METEOR's per-item statistics or None) of tokenised
+    references ``gts`` and hypotheses ``res``."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -109,27 +112,31 @@ def score_items(gts: dict, res: dict, with_meteor: bool) -> tuple[dict, dict]:
     bleu, _ = Bleu(BLEU_N).compute_score(gts, res, verbose=0)
     for k in range(BLEU_N):
         corpus[f"BLEU-{k + 1}"] = 100.0 * float(bleu[k])
+    meteor_stats = None
     if with_meteor:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        score, items = Meteor().compute_score(gts, res)
-        corpus["METEOR"], per_item["METEOR"] = 100.0 * float(score), 100.0 * np.asarray(items, np.float64)
+        score, items, meteor_stats = meteor.jar_scores(gts, res, list(gts))
+        corpus["METEOR"], per_item["METEOR"] = 100.0 * score, 100.0 * items
     score, items = Rouge().compute_score(gts, res)
     corpus["ROUGE-L"], per_item["ROUGE-L"] = 100.0 * float(score), 100.0 * np.asarray(items, np.float64)
     score, items = Cider().compute_score(gts, res)
     corpus["CIDEr-D"], per_item["CIDEr-D"] = float(score), np.asarray(items, np.float64)
-    return corpus, per_item
+    return corpus, per_item, meteor_stats
 
 
-def bootstrap_intervals(per_item: dict, stats: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> dict:
-    """{metric: [low, high]}: percentile intervals over resampled items (BLEU from summed counts)."""
+def bootstrap_intervals(per_item: dict, stats: np.ndarray, n_boot: int, seed: int, level: float = 0.95,
+                        meteor_stats: np.ndarray | None = None) -> dict:
+    """{metric: [low, high]}: percentile intervals over resampled items (BLEU and METEOR from summed
+    statistics, as their corpus scores are computed)."""
     draws = {m: [] for m in per_item} | {f"BLEU-{k + 1}": [] for k in range(BLEU_N)}
     for idx in _resamples(len(stats), n_boot, seed):
         bleus = 100.0 * bleu_from_stats(stats[idx].sum(1))
         for k in range(BLEU_N):
             draws[f"BLEU-{k + 1}"].append(bleus[:, k])
         for m, values in per_item.items():
-            draws[m].append(values[idx].mean(1))
+            if m == "METEOR" and meteor_stats is not None:
+                draws[m].append(100.0 * meteor.corpus_from_stats(meteor_stats[idx].sum(1)))
+            else:
+                draws[m].append(values[idx].mean(1))
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out = {}
     for m in METRICS:
@@ -166,13 +173,13 @@ def evaluate_captions(rows: list[dict], n_boot: int = 1000, seed: int = 0, use_j
     keys = [r["key"] for r in rows]
     gts = tokenize({k: list(r["references"]) for k, r in zip(keys, rows)}, use_java)
     res = tokenize({k: [r["hypothesis"]] for k, r in zip(keys, rows)}, use_java)
-    corpus, per_item = score_items(gts, res, use_java)
+    corpus, per_item, meteor_stats = score_items(gts, res, use_java)
     stats = np.stack([bleu_stats(res[k][0], gts[k]) for k in keys])
     per_item_bleu4 = 100.0 * bleu_from_stats(stats)[:, BLEU_N - 1]  # each item's own BLEU-4, for reading only
     return {
         "n_items": len(rows),
         "metrics": {m: corpus.get(m) for m in METRICS},
-        "ci95": bootstrap_intervals(per_item, stats, n_boot, seed),
+        "ci95": bootstrap_intervals(per_item, stats, n_boot, seed, meteor_stats=meteor_stats),
         "unavailable": {} if use_java else {"METEOR": "java not found on PATH (METEOR runs Java)" if not java
                                             else "switched off (use_java=False)"},
         "tokenizer": PTB_NAME if use_java else FALLBACK_NAME,

@@ -26,7 +26,9 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -312,6 +314,16 @@ def video_id(index: int, seed: int, id_prefix: str = "synth") -> str:
     return f"{id_prefix}-s{seed}-{index:05d}"
 
 
+def _render_one(args: tuple[int, int, str, str, Path]) -> VideoEntry:
+    """Video ``index`` of the set: rendered to ``video_dir``, returned as its manifest entry."""
+    index, seed, split, id_prefix, video_dir = args
+    spec = make_spec(seed, index, split)
+    vid = video_id(index, seed, id_prefix)
+    path = render_video(spec, video_dir / f"{vid}.mp4")
+    captions = tuple(Caption(e.start, e.end, caption_for(e), "caption") for e in spec.events)
+    return VideoEntry(vid, str(path), split, round(spec.duration, 6), captions)
+
+
 def synthesize(
     out_dir: str | os.PathLike,
     n_videos: int,
@@ -319,24 +331,37 @@ def synthesize(
     split: str = "train",
     id_prefix: str = "synth",
     progress: bool = True,
+    workers: int = 1,
 ) -> Path:
-    """Render `n_videos` videos and their manifest under `out_dir`; returns the manifest path."""
+    """Render `n_videos` videos and their manifest under `out_dir`; returns the manifest path.
+
+    ``workers`` > 1 renders in that many processes (x264 runs single-threaded, see
+    above); every video depends only on (seed, index), so the files are the same.
+    """
     if n_videos < 1:
         raise ValueError(f"n_videos must be >= 1, got {n_videos}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     out_dir = Path(out_dir).resolve()
-    video_dir = out_dir / "videos"
-    entries = []
-    indices = range(n_videos)
+    jobs = [(i, seed, split, id_prefix, out_dir / "videos") for i in range(n_videos)]
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        indices = tqdm(indices, desc=f"synth {split}", unit="video")
-    for i in indices:
-        spec = make_spec(seed, i, split)
-        vid = video_id(i, seed, id_prefix)
-        path = render_video(spec, video_dir / f"{vid}.mp4")
-        captions = tuple(Caption(e.start, e.end, caption_for(e), "caption") for e in spec.events)
-        entries.append(VideoEntry(vid, str(path), split, round(spec.duration, 6), captions))
+        bar = tqdm(total=n_videos, desc=f"synth {split}", unit="video")
+    entries = []
+    if workers == 1:
+        for job in jobs:
+            entries.append(_render_one(job))
+            bar and bar.update()
+    else:
+        # spawn: a forked child of a process that already runs torch or av threads can hang
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for entry in pool.map(_render_one, jobs, chunksize=4):
+                entries.append(entry)
+                bar and bar.update()
+    if bar is not None:
+        bar.close()
     return write_manifest(entries, out_dir / "manifest.jsonl")

@@ -216,6 +216,12 @@ class VideoSubtitleMatching(nn.Module):
     (scores = temporal-encoder outputs . query vectors). Global: query-video score =
     max over clips of the cosine similarity; hinge with ``margin`` against every
     in-batch negative video (for the query) and negative query (for the video).
+
+    ``context: video`` encodes each video from its clips alone (the global level
+    without subtitles, ``encode_video``) instead of with every caption at the local
+    level. That is the input ``eval-moments --context video`` scores, and the honest
+    training condition where the queries are the video's only text: with
+    ``subtitles`` the query's own words sit in its video's input, at its own clips.
     """
 
     name = "vsm"
@@ -223,9 +229,12 @@ class VideoSubtitleMatching(nn.Module):
     architectures = ("hierarchical",)
 
     def __init__(self, model, vocab: TextVocab, margin: float = 0.1, local_weight: float = 1.0,
-                 global_weight: float = 1.0):
+                 global_weight: float = 1.0, context: str = "subtitles"):
         super().__init__()
+        if context not in VSM_CONTEXTS:
+            raise ConfigError(f"vsm: context must be one of {', '.join(VSM_CONTEXTS)}, got {context!r}")
         self.margin, self.local_weight, self.global_weight = margin, local_weight, global_weight
+        self.context = context
         H = model.cfg.hidden
         self.query = init_weights(nn.Linear(H, 3 * H))  # start, end and global query vectors from one subtitle
 
@@ -238,7 +247,10 @@ class VideoSubtitleMatching(nn.Module):
         q_ids, q_mask = batch["sub_ids"][rows, pick], batch["sub_mask"][rows, pick]
         q = self.query(masked_mean(model.encode_text(q_ids, q_mask), q_mask)).float()
         q_start, q_end, q_glob = q.chunk(3, dim=-1)
-        frames = model(batch).clips.float()
+        if self.context == "video":
+            frames = model.encode_video(vm, video=batch.get("video"), tokens=batch.get("video_tokens")).float()
+        else:
+            frames = model(batch).clips.float()
         if not has.any():  # no subtitle overlaps any crop in this batch: nothing to match
             zero = frames.sum() * 0.0 + q.sum() * 0.0
             return {"vsm_loss": zero, "vsm_local": float("nan"), "vsm_global": float("nan")}
@@ -412,6 +424,7 @@ class CaptionReconstruction(nn.Module):
 
 
 CAPTION_CONDITIONS = ("caption", "video")  # what caption's cross encoder reads besides the video
+VSM_CONTEXTS = ("subtitles", "video")  # what vsm's video side reads besides the clips
 
 OBJECTIVES = {
     "mlm": MaskedLanguageModelling,

@@ -170,6 +170,8 @@ def resolve_run_config(cfg: PretrainConfig, store: FeatureStore, ckpt: Path | No
         return cfg
     saved = load_run_config(ckpt)
     resolve_model_config(saved.model, store.dim, vocab)
+    if cfg.train.init_from:  # a fine-tuning run's model came from its --init checkpoint, not from the recipe
+        cfg = replace(cfg, model=saved.model)
     check_resume_config(saved, cfg)
     before = json.loads((ckpt / "meta.json").read_text()).get("world_size", world)
     if before != world and rank == 0:
