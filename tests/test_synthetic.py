@@ -85,6 +85,11 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(dataset, tmp_path):
     # Video i depends on (seed, i) only, not on how many videos were asked for.
     fewer = load_manifest(synthesize(tmp_path / "fewer", 1, seed=0, progress=False))
     assert Path(fewer[0].path).read_bytes() == Path(ours[0].path).read_bytes()
+    # ... nor on how many processes rendered it
+    parallel = synthesize(tmp_path / "parallel", N, seed=0, progress=False, workers=2)
+    assert parallel.read_text() == dataset.read_text()
+    assert all(Path(a.path).read_bytes() == Path(b.path).read_bytes()
+               for a, b in zip(ours, load_manifest(parallel)))
     assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob("*.tmp"))
 
 

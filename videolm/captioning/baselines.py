@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..manifests.manifest import VideoEntry
-from .job import REFERENCE_KINDS, CaptionItem
+from .job import REFERENCE_KINDS
 
 
 def most_frequent_caption(entries: list[VideoEntry]) -> tuple[str, int]:
@@ -23,7 +23,6 @@ def most_frequent_caption(entries: list[VideoEntry]) -> tuple[str, int]:
     return counts.most_common(1)[0]
 
 
-def constant_rows(items: list[CaptionItem], text: str) -> list[dict]:
-    """Caption rows in ``videolm caption``'s format with ``text`` as every hypothesis."""
-    return [{"key": it.key, "video_id": it.video_id, "start": round(it.start, 3), "end": round(it.end, 3),
-             "hypothesis": text, "references": list(it.references)} for it in items]
+def constant_rows(rows: list[dict], text: str) -> list[dict]:
+    """Caption rows (``videolm caption``'s) with ``text`` as every hypothesis: same items, same references."""
+    return [{**r, "hypothesis": text} for r in rows]

@@ -36,6 +36,7 @@ from . import meteor
 log = logging.getLogger("videolm.captioning.metrics")
 BLEU_N = 4
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+MEAN_METRICS = ("ROUGE-L", "CIDEr-D")  # corpus score = mean of the item scores
 # the PTB tokenizer's punctuation tokens that pycocoevalcap leaves out of every caption
 PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
                          ".", "?", "!", ",", ":", "-", "--", "...", ";"])
@@ -127,16 +128,15 @@ def bootstrap_intervals(per_item: dict, stats: np.ndarray, n_boot: int, seed: in
                         meteor_stats: np.ndarray | None = None) -> dict:
     """{metric: [low, high]}: percentile intervals over resampled items (BLEU and METEOR from summed
     statistics, as their corpus scores are computed)."""
-    draws = {m: [] for m in per_item} | {f"BLEU-{k + 1}": [] for k in range(BLEU_N)}
+    draws = {m: [] for m in per_item} | {f"BLEU-{k + 1}": [] for k in range(BLEU_N)}  # METEOR only with Java
     for idx in _resamples(len(stats), n_boot, seed):
         bleus = 100.0 * bleu_from_stats(stats[idx].sum(1))
         for k in range(BLEU_N):
             draws[f"BLEU-{k + 1}"].append(bleus[:, k])
-        for m, values in per_item.items():
-            if m == "METEOR" and meteor_stats is not None:
-                draws[m].append(100.0 * meteor.corpus_from_stats(meteor_stats[idx].sum(1)))
-            else:
-                draws[m].append(values[idx].mean(1))
+        if meteor_stats is not None:
+            draws["METEOR"].append(100.0 * meteor.corpus_from_stats(meteor_stats[idx].sum(1)))
+        for m in MEAN_METRICS:
+            draws[m].append(per_item[m][idx].mean(1))
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     out = {}
     for m in METRICS:

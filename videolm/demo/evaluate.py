@@ -77,19 +77,15 @@ def evaluate_retrieval(runs: dict[str, Path], features: Path, manifest: Path, ev
 def evaluate_captioning(checkpoint: Path, features: Path, manifest: Path, eval_dir: Path) -> tuple[dict, float]:
     """({"fine-tuned": report, "most frequent caption": report}, greedy captions/s)."""
     from ..captioning.baselines import constant_rows, most_frequent_caption
-    from ..captioning.job import CaptionConfig, build_items, run_caption, run_eval_caption
-    from ..retrieval.job import split_entries, write_rankings
+    from ..captioning.job import CaptionConfig, read_captions, run_caption, run_eval_caption
+    from ..retrieval.job import write_rankings
 
     cfg = CaptionConfig(split="test", unit="segment")
     meta = run_caption(checkpoint, features, manifest, cfg, eval_dir / "captions.jsonl", progress=False)
     reports = {"fine-tuned": run_eval_caption(eval_dir / "captions.jsonl", eval_dir / "caption_report.json")}
     text, count = most_frequent_caption(load_manifest(manifest, "train"))
-    store = FeatureStore(features)
-    try:
-        items, _ = build_items(split_entries(manifest, "test"), store, cfg.unit)
-    finally:
-        store.close()
-    write_rankings(constant_rows(items, text), eval_dir / "captions_baseline.jsonl")
+    rows = constant_rows(read_captions(eval_dir / "captions.jsonl"), text)
+    write_rankings(rows, eval_dir / "captions_baseline.jsonl")
     base = run_eval_caption(eval_dir / "captions_baseline.jsonl", eval_dir / "caption_baseline_report.json")
     base["baseline"] = {"caption": text, "train_count": count}
     reports["most frequent caption"] = base

@@ -94,10 +94,11 @@ def run_demo(out: Path, train_videos: int = 800, test_videos: int = 200, seed: i
     run.times["eval"] = time.monotonic() - started
     print()
     print_summary(run)
-    for table in tables.all_tables(run.scores):
+    printed = tables.all_tables(run.scores)
+    for table in printed:
         print()
         print(table)
-    (run.eval_dir / "tables.txt").write_text("\n\n".join(tables.all_tables(run.scores)) + "\n")
+    (run.eval_dir / "tables.txt").write_text("\n\n".join(printed) + "\n")
     print()
     print_written(run)
     return 0 if run.extracted.failures_total == 0 else 1

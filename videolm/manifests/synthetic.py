@@ -346,22 +346,14 @@ def synthesize(
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     out_dir = Path(out_dir).resolve()
     jobs = [(i, seed, split, id_prefix, out_dir / "videos") for i in range(n_videos)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=n_videos, desc=f"synth {split}", unit="video")
-    entries = []
-    if workers == 1:
-        for job in jobs:
-            entries.append(_render_one(job))
-            bar and bar.update()
-    else:
-        # spawn: a forked child of a process that already runs torch or av threads can hang
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for entry in pool.map(_render_one, jobs, chunksize=4):
-                entries.append(entry)
-                bar and bar.update()
-    if bar is not None:
-        bar.close()
+    # spawn: a forked child of a process that already runs torch or av threads can hang
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        rendered = pool.map(_render_one, jobs, chunksize=4) if pool else map(_render_one, jobs)
+        entries = list(tqdm(rendered, total=n_videos, desc=f"synth {split}", unit="video", disable=not progress))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return write_manifest(entries, out_dir / "manifest.jsonl")
