@@ -32,6 +32,9 @@ def _add_synth(sub):
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="split written in the manifest")
     p.add_argument("--id-prefix", default="synth", help="prefix of video ids (default 'synth')")
     p.add_argument("--workers", type=int, default=1, help="render in this many processes (default 1; same files)")
+    p.add_argument("--style", default="clean", choices=["clean", "narrated", "order_pairs"],
+                   help="clean: one caption per event (default); narrated: HowTo100M-style noisy speech "
+                        "(docs/transfer.md); order_pairs: pairs of videos with the same events in opposite orders")
     p.set_defaults(func=_cmd_synth)
 
 
@@ -40,7 +43,7 @@ def _cmd_synth(args) -> int:
 
     t0 = time.monotonic()
     manifest = synthesize(args.out, args.videos, args.seed, split=args.split, id_prefix=args.id_prefix,
-                          progress=sys.stderr.isatty(), workers=args.workers)
+                          progress=sys.stderr.isatty(), workers=args.workers, style=args.style)
     print(f"synth: {args.videos} videos in {time.monotonic() - t0:.1f} s; manifest {manifest}")
     return 0
 

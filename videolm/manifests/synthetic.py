@@ -29,7 +29,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +38,7 @@ import av
 import numpy as np
 
 from .manifest import SPLITS, Caption, VideoEntry, write_manifest
+from .narration import narrate
 
 # Saturated colours that stay distinct from each other on a dim background and
 # after yuv420p chroma subsampling and 4x4 colour thumbnails.
@@ -56,6 +57,10 @@ BACKGROUNDS = ("gradient", "texture")  # "plain" is also accepted, for tests
 MIN_EVENT_S = 1.6  # >= 1.5 s after rounding, so every event contains a full 1 s clip
 _SEED_SALT = 0x5EED_D161  # keeps these streams apart from other users of the same seed
 _HELDOUT_MOD = 5  # samples with index % 5 == 4 are reserved for val/test handwriting
+# clean: one caption per event (downstream sets); narrated: HowTo100M-style speech instead
+# (narration.py, the pretraining corpus); order_pairs: videos 2k and 2k+1 show the same
+# events in opposite orders, each with a "..., then ..." query (an order-only distinction)
+STYLES = ("clean", "narrated", "order_pairs")
 
 
 @dataclass(frozen=True)
@@ -309,6 +314,35 @@ def make_spec(seed: int, index: int, split: str = "train") -> VideoSpec:
                      background=background, seed=bg_seed)
 
 
+def order_pair_spec(seed: int, index: int, split: str = "train") -> VideoSpec:
+    """Video ``index`` of an order-pair set: pair ``index // 2``'s events, reversed when ``index`` is odd.
+
+    Both videos of a pair share background, timing slots and every event's look; only
+    which event fills which slot differs, so telling them apart needs the order.
+    """
+    base = make_spec(seed, index // 2, split)
+    if index % 2 == 0:
+        return base
+    slots = base.events
+    events = tuple(replace(e, start=slot.start, end=slot.end) for e, slot in zip(reversed(slots), slots))
+    return replace(base, events=events)
+
+
+def order_query(events: tuple[Event, ...]) -> str:
+    return ", then ".join(caption_for(e) for e in events)
+
+
+def _styled(spec: VideoSpec, seed: int, index: int, style: str) -> tuple[Caption, ...]:
+    """The manifest captions of a video in ``style``."""
+    if style == "narrated":
+        return narrate(spec, seed, index)
+    captions = tuple(Caption(e.start, e.end, caption_for(e), "caption") for e in spec.events)
+    if style == "order_pairs":
+        ev = spec.events
+        captions += (Caption(ev[0].start, ev[-1].end, order_query(ev), "query"),)
+    return captions
+
+
 def video_id(index: int, seed: int, id_prefix: str = "synth") -> str:
     # The seed is part of the id so train and test manifests can be merged without clashes.
     return f"{id_prefix}-s{seed}-{index:05d}"
@@ -316,12 +350,11 @@ def video_id(index: int, seed: int, id_prefix: str = "synth") -> str:
 
 def _render_one(args: tuple[int, int, str, str, Path]) -> VideoEntry:
     """Video ``index`` of the set: rendered to ``video_dir``, returned as its manifest entry."""
-    index, seed, split, id_prefix, video_dir = args
-    spec = make_spec(seed, index, split)
+    index, seed, split, id_prefix, video_dir, style = args
+    spec = order_pair_spec(seed, index, split) if style == "order_pairs" else make_spec(seed, index, split)
     vid = video_id(index, seed, id_prefix)
     path = render_video(spec, video_dir / f"{vid}.mp4")
-    captions = tuple(Caption(e.start, e.end, caption_for(e), "caption") for e in spec.events)
-    return VideoEntry(vid, str(path), split, round(spec.duration, 6), captions)
+    return VideoEntry(vid, str(path), split, round(spec.duration, 6), _styled(spec, seed, index, style))
 
 
 def synthesize(
@@ -332,11 +365,14 @@ def synthesize(
     id_prefix: str = "synth",
     progress: bool = True,
     workers: int = 1,
+    style: str = "clean",
 ) -> Path:
     """Render `n_videos` videos and their manifest under `out_dir`; returns the manifest path.
 
     ``workers`` > 1 renders in that many processes (x264 runs single-threaded, see
     above); every video depends only on (seed, index), so the files are the same.
+    ``style`` is one of ``STYLES``: the pixels of video i are the same in ``clean``
+    and ``narrated``; only the text differs.
     """
     if n_videos < 1:
         raise ValueError(f"n_videos must be >= 1, got {n_videos}")
@@ -344,8 +380,12 @@ def synthesize(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if style not in STYLES:
+        raise ValueError(f"style {style!r} is not one of {', '.join(STYLES)}")
+    if style == "order_pairs" and n_videos % 2:
+        raise ValueError(f"order_pairs writes videos in pairs: n_videos must be even, got {n_videos}")
     out_dir = Path(out_dir).resolve()
-    jobs = [(i, seed, split, id_prefix, out_dir / "videos") for i in range(n_videos)]
+    jobs = [(i, seed, split, id_prefix, out_dir / "videos", style) for i in range(n_videos)]
     from tqdm import tqdm
 
     # spawn: a forked child of a process that already runs torch or av threads can hang
