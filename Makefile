@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-faults bench clean
+.PHONY: install demo test test-faults bench transfer transfer-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,12 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_memory.py > bench_memory.json
 	@echo "wrote bench_extract.json, bench_quantize.json, bench_train.json, bench_retrieval.json, bench_import.json and bench_memory.json"
 
+# The transfer study (docs/transfer.md): about 80 minutes on 2 CPU cores; resumable.
+transfer: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_transfer.py --out transfer_out
+
+transfer-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_transfer.py --quick --out transfer_quick
+
 clean:
-	rm -rf $(VENV) demo_out bench_out *.egg-info bench_*.json
+	rm -rf $(VENV) demo_out bench_out transfer_out transfer_quick *.egg-info bench_*.json

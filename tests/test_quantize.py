@@ -404,3 +404,24 @@ def test_cli(tmp_path, capsys):
     assert "leaves used" in out and "entropy" in out
     assert main(["quantize", "--features", str(tmp_path / "none"), "--quiet"]) == 2
     assert "no feature shards" in capsys.readouterr().err
+
+
+def test_codebook_from_another_directory_tokenises_with_its_words(tmp_path):
+    train = write_features(tmp_path / "train", seed=1)
+    test = write_features(tmp_path / "test", n_shards=1, videos=2, clips=5, seed=2)  # fewer clips than k^2
+    run_quantize(train, CFG, progress=False)
+    s = run_quantize(test, None, progress=False, codebook_from=train)
+    assert s["fit_seconds"] == 0 and s["config"] == json.loads(json.dumps(CFG.__dict__))
+    cb, attrs = load_codebook(train / "codebook.h5")
+    assert load_codebook(test / "codebook.h5")[1]["fingerprint"] == attrs["fingerprint"]
+    v = FeatureStore(test).get("s0v1")
+    np.testing.assert_array_equal(v.tokens, cb.assign(normalize_rows(v.features, "l2"))[0])
+    # a codebook of other features is refused, as is replacing another codebook without --overwrite
+    other = write_features(tmp_path / "s3d", n_shards=1, encoder="s3d")
+    with pytest.raises(QuantizeError, match="fitted on features extracted with other settings"):
+        run_quantize(other, None, progress=False, codebook_from=train / "codebook.h5")
+    run_quantize(test, QuantizeConfig(k=2, levels=1, sample=100), overwrite=True, progress=False)
+    with pytest.raises(QuantizeError, match="another codebook.*--overwrite"):
+        run_quantize(test, None, progress=False, codebook_from=train)
+    with pytest.raises(QuantizeError, match="no codebook there"):
+        run_quantize(test, None, progress=False, codebook_from=tmp_path / "s3d")

@@ -151,6 +151,8 @@ def _add_quantize(sub):
                    help="faiss k-means (default) or scikit-learn MiniBatchKMeans")
     p.add_argument("--report", metavar="DIR", help="write quantize_summary.json and word_frequencies.png here")
     p.add_argument("--overwrite", action="store_true", help="replace a codebook fitted with other settings")
+    p.add_argument("--codebook", metavar="PATH", help="tokenise with this codebook (a codebook.h5 or a quantised "
+                   "feature directory) instead of fitting one, e.g. test videos with the training set's words")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_quantize)
 
@@ -166,7 +168,7 @@ def _cmd_quantize(args) -> int:
         max_points_per_centroid=args.max_points_per_centroid or preset["max_points_per_centroid"],
     )
     summary = run_quantize(args.features, cfg, report_dir=args.report, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           progress=not args.quiet, codebook_from=args.codebook)
     for line in summary_lines(summary):
         print(line)
     if args.report:
@@ -232,7 +234,8 @@ def _add_finetune(sub):
                     "checkpoint in OUT/best and stop after select.patience scorings without a gain.",
     )
     p.add_argument("--init", required=True, metavar="RUN_OR_CHECKPOINT",
-                   help="pretraining run directory, its best/, or one checkpoint directory")
+                   help="pretraining run directory, its best/, or one checkpoint directory; 'none' trains the "
+                        "recipe's own model from scratch (the no-pretraining baseline)")
     p.add_argument("--config", help="task recipe YAML (required unless --resume finds the run's own config)")
     p.add_argument("--features", required=True, help="feature directory of the task's videos")
     p.add_argument("--manifest", required=True, help="manifest JSONL with train and val splits")
@@ -263,7 +266,8 @@ def _cmd_finetune(args) -> int:
     _check_root(args)
     from .finetune.job import run_finetune
 
-    summary = run_finetune(args.init, _recipe_for(args), args.features, args.manifest, args.out,
+    init = None if args.init == "none" else args.init
+    summary = run_finetune(init, _recipe_for(args), args.features, args.manifest, args.out,
                            resume=args.resume, progress=not args.quiet)
     line = f"finetune: {summary['steps']} steps in {summary['seconds']:.1f} s"
     if summary.get("stopped_early"):

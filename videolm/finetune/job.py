@@ -61,21 +61,25 @@ def scorer(cfg: PretrainConfig, features: Path, manifest: Path, out: Path):
     return lambda run: score(run, entries, store, sel)
 
 
-def run_finetune(init: str | Path, cfg: PretrainConfig, features: str | Path, manifest: str | Path,
+def run_finetune(init: str | Path | None, cfg: PretrainConfig, features: str | Path, manifest: str | Path,
                  out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune from ``init``; ``init=None`` trains the recipe's own model from its initialisation
+    (the no-pretraining baseline: same recipe, budget and selection, no video-text weights)."""
     out, features, manifest = Path(out), Path(features), Path(manifest)
-    if resume and cfg.train.init_from:
+    if init is None:
+        ckpt = None
+    elif resume and cfg.train.init_from:
         ckpt = Path(cfg.train.init_from)  # the run's own config: keep what it started from
     else:
         ckpt = init_checkpoint_for(init, cfg)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(ckpt.resolve())))
     score = scorer(cfg, features, manifest, out)
-    meta = {"features": str(features), "manifest": str(manifest), "init": str(ckpt)}
+    meta = {"features": str(features), "manifest": str(manifest), "init": str(ckpt) if ckpt else None}
     selector = Selector(out, cfg.select, score, meta) if score is not None else None
     summary = run_pretrain(cfg, features, manifest, out, resume=resume, progress=progress, after_step=selector)
     if selector is not None and selector.best is not None:
         summary["best"] = {**selector.best, "checkpoint": str(latest_checkpoint(out / "best"))}
         summary["selection"] = selector.history
     if out.exists():
-        (out / FINETUNE_RECORD).write_text(json.dumps({"init": str(ckpt), **summary}, indent=2))
+        (out / FINETUNE_RECORD).write_text(json.dumps({"init": meta["init"], **summary}, indent=2))
     return summary

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..config import to_dict
+from ..config import from_dict, to_dict
 from ..errors import VideolmError
 from ..features.layout import (
     CODEBOOK_NAME, EXTRACT_CONFIG_NAME, list_shards, partial_name, planned_shard_count, token_path,
@@ -128,8 +128,11 @@ def _check_extraction_finished(directory: Path, paths: list[Path]) -> None:
                             "(re-run `videolm extract` to complete it)")
 
 
-def run_quantize(features: str | Path, cfg: QuantizeConfig, report_dir: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+def run_quantize(features: str | Path, cfg: QuantizeConfig | None, report_dir: str | Path | None = None,
+                 overwrite: bool = False, progress: bool = True, codebook_from: str | Path | None = None) -> dict:
+    """Fit ``cfg``'s codebook over ``features`` and tokenise them; with ``codebook_from`` (a codebook file
+    or a feature directory holding one) tokenise them with that codebook instead (``cfg`` is then
+    taken from it: None is fine), e.g. val/test videos with the words fitted on the training set."""
     t0 = time.monotonic()
     directory = Path(features)
     paths = list_shards(directory)
@@ -142,18 +145,25 @@ def run_quantize(features: str | Path, cfg: QuantizeConfig, report_dir: str | Pa
         total = sum(r.num_clips for r in readers)
         if total == 0:
             raise QuantizeError(f"{directory}: the shards hold no clips (did every video fail? see failures.jsonl)")
-        if total < cfg.k:
-            raise QuantizeError(f"{directory}: {total} clips cannot make {cfg.k} clusters")
         features_key = config_key(readers[0].config)
-        cfg_json = json.dumps(to_dict(cfg), sort_keys=True)
+        given = _given_codebook(codebook_from, features_key) if codebook_from is not None else None
+        cfg_json = given[1]["config"] if given else json.dumps(to_dict(cfg), sort_keys=True)
+        cfg = from_dict(QuantizeConfig, json.loads(cfg_json)) if given else cfg
+        if given is None and total < cfg.k:  # a given codebook assigns any number of clips
+            raise QuantizeError(f"{directory}: {total} clips cannot make {cfg.k} clusters")
         final_cb = directory / CODEBOOK_NAME
         existing = read_codebook_attrs(final_cb)
+        if given is not None and existing is not None and existing["fingerprint"] != given[1]["fingerprint"]:
+            if not overwrite:
+                raise QuantizeError(f"{final_cb} is another codebook than {codebook_from}'s; pass --overwrite to "
+                                    "replace it and its tokens")
+            existing = None
         if existing is not None and (existing["config"] != cfg_json or existing["features_config"] != features_key):
             if not overwrite:
                 raise QuantizeError(f"{final_cb} was fitted with other settings ({existing['config']}); "
                                     "pass --overwrite to replace it and its tokens")
             existing = None
-        summary = _quantize(directory, readers, cfg, cfg_json, features_key, existing, progress)
+        summary = _quantize(directory, readers, cfg, cfg_json, features_key, existing, progress, given)
     finally:
         for r in readers:
             r.close()
@@ -164,10 +174,24 @@ def run_quantize(features: str | Path, cfg: QuantizeConfig, report_dir: str | Pa
     return summary
 
 
-def _quantize(directory, readers, cfg, cfg_json, features_key, existing, progress) -> dict:
+def _given_codebook(path: str | Path, features_key: str) -> tuple[Codebook, dict]:
+    path = Path(path)
+    path = path / CODEBOOK_NAME if path.is_dir() else path
+    if read_codebook_attrs(path) is None:
+        raise QuantizeError(f"--codebook {path}: no codebook there (a codebook.h5, or a quantised feature directory)")
+    codebook, attrs = load_codebook(path)
+    if attrs["features_config"] != features_key:
+        raise QuantizeError(f"--codebook {path} was fitted on features extracted with other settings "
+                            f"({attrs['features_config']}) than these ({features_key})")
+    return codebook, attrs
+
+
+def _quantize(directory, readers, cfg, cfg_json, features_key, existing, progress, given=None) -> dict:
     final_cb = directory / CODEBOOK_NAME
     tag = hashlib.sha256((cfg_json + features_key).encode()).hexdigest()[:12]  # names this config's partials
     partial_cb = partial_name(final_cb, tag)
+    if given is not None and existing is None:  # published like a fitted one: tokens first, the codebook last
+        write_codebook(partial_cb, given[0].levels, given[1])
     codebook, attrs, t_fit = _codebook_to_use(final_cb, partial_cb, existing, readers, cfg, features_key, progress)
     fingerprint = attrs["fingerprint"]
     _remove_stale(directory, keep={partial_cb.name} | {partial_name(token_path(r.path), fingerprint).name
