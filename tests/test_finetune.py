@@ -146,3 +146,21 @@ def test_caption_and_moment_metrics_select_too(task, tmp_path):
     run_finetune(tmp_path / "hero", moments, task["features"], task["manifest"], tmp_path / "mom", progress=False)
     rows = read_selection(tmp_path / "mom")
     assert [r["metric"] for r in rows] == ["moment_r1"] and 0 <= rows[0]["score"] <= 100
+
+
+def test_init_none_trains_the_recipes_own_model_from_scratch(task, tmp_path):
+    out = tmp_path / "scratch"
+    args = ["finetune", "--init", "none", "--config", str(ROOT / "pipelines/ft_retrieval_joint.yaml"),
+            "--features", str(task["features"]), "--manifest", str(task["manifest"]), "--out", str(out), "--quiet",
+            *TINY_OVERRIDES, "data.mode=video", "max_steps=2", "select.every=1", "patience=0", "lr=1e-12",
+            "warmup_steps=0", "seed=5"]
+    assert main(args) == 0
+    assert json.loads((out / "finetune.json").read_text())["init"] is None
+    record = training_record(latest_checkpoint(out / "best"))
+    assert record["kind"] == "trained on the task from scratch" and record["zero_shot"] is False
+    assert "init_from" not in record
+    # the model is the recipe's at its own (seed 5) initialisation: far from the pretrained run's weights,
+    # which a tiny lr would have kept (seed 0's initialisation moved by 4 small steps)
+    fresh, pre = load_model_state(latest_checkpoint(out)), load_model_state(latest_checkpoint(task["pre"]))
+    video = [k for k in fresh if k in pre and not k.startswith("text.") and fresh[k].dtype.is_floating_point]
+    assert video and max(float((fresh[k] - pre[k]).abs().max()) for k in video) > 1e-2

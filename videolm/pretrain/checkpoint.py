@@ -198,8 +198,11 @@ def training_record(ckpt: Path) -> dict:
     cfg = load_run_config(ckpt)
     meta_path = Path(ckpt) / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    record = {"kind": "fine-tuned" if cfg.train.init_from else "pretrained",
-              "zero_shot": not cfg.train.init_from,  # scored on a task it was not fine-tuned for
+    # a checkpoint selected on a val split was trained for the task: from --init, or from scratch (--init none)
+    task_trained = bool(cfg.train.init_from) or "selected_on" in meta
+    kind = "fine-tuned" if cfg.train.init_from else "trained on the task from scratch" if task_trained else "pretrained"
+    record = {"kind": kind,
+              "zero_shot": not task_trained,  # scored on a task it was not fine-tuned for
               "objectives": cfg.objective_names, "step": meta.get("step"),
               "trained_on": {"features": meta.get("features"), "manifest": meta.get("manifest"),
                              "split": cfg.train.split}}
