@@ -38,7 +38,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_memory.py > bench_memory.json
 	@echo "wrote bench_extract.json, bench_quantize.json, bench_train.json, bench_retrieval.json, bench_import.json and bench_memory.json"
 
-# The transfer study (docs/transfer.md): about 80 minutes on 2 CPU cores; resumable.
+# The transfer study (docs/transfer.md): about 85 minutes on 2 CPU cores; resumable.
 transfer: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_transfer.py --out transfer_out
 

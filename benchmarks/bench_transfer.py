@@ -18,7 +18,7 @@ Protocol and noise model: docs/transfer.md (fixed before any study ran). Steps:
 Every run is a directory with its ``result.json``; a rerun skips what is done (the study
 resumes). Runs go to ``--jobs`` processes with one torch thread each.
 
-    python benchmarks/bench_transfer.py --out transfer_out            # full study (~90 min, 2 cores)
+    python benchmarks/bench_transfer.py --out transfer_out            # full study (~85 min, 2 cores)
     python benchmarks/bench_transfer.py --quick --out transfer_quick  # reduced grid, minutes
 """
 
@@ -261,7 +261,21 @@ def _finish(out: Path, result: dict) -> dict:
     tmp = out / "result.json.part"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "result.json")
+    slim(out)
     return result
+
+
+def slim(out: Path) -> None:
+    """A finished run keeps only the model it is scored by: the optimizer states (twice the model) and the
+    superseded checkpoints go, or the full grid would need about 60 GB (a checkpoint is ~230 MB)."""
+    for state in out.glob("**/checkpoints/step_*/trainer.pt"):
+        state.unlink()
+    if (out / "best" / "checkpoints").is_dir():  # fine-tuned with selection: best/ is the model
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    else:
+        steps = sorted((out / "checkpoints").glob("step_*"))
+        for old in steps[:-1]:
+            shutil.rmtree(old)
 
 
 def do_pretrain(run: dict, paths: dict, root: str) -> dict:

@@ -166,6 +166,7 @@ def plot_curves(rows: dict, sizes: list[int], path: Path, metric: str = "R@1", y
             err = [rows[choice][n][metric]["std"] or 0.0 for n in xs]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=choice, ls="--" if choice == "scratch" else "-")
         ax.set_xscale("log")
+        ax.minorticks_off()  # log-scale minor labels (3x10^1, ...) would crowd the train sizes
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("labelled training videos (fine-tuning)")
         ax.set_ylabel(ylabel)
@@ -193,7 +194,7 @@ def plot_ablations(ablations: dict, path: Path) -> Path:
         ax.barh(range(len(names)), d, xerr=[lo, hi], capsize=3, color=["C3" if x < 0 else "C2" for x in d])
         ax.set_yticks(range(len(names)), names)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_xlabel("test R@1 change vs the full recipe (points, 95% paired bootstrap)")
+        ax.set_xlabel("test R@1 change vs the full recipe\n(points, 95% paired bootstrap)")
         ax.invert_yaxis()
         fig.tight_layout()
         fig.savefig(path, dpi=120)
@@ -271,7 +272,10 @@ def write_report(out: Path, plan: dict, pre: list[dict], fts: list[dict], timing
     sizes = list(plan["sizes"])
     ret = retrieval_rows(fts, sizes)
     summary = {
-        "plan": plan, "quick": quick, "device": device, "timing": timing,
+        "plan": plan, "quick": quick, "device": device,
+        # timing is this invocation's (a resumed study's is short); run_seconds add up every run's training
+        "timing": {**timing, "pretrain_run_s": round(sum(r["seconds"] for r in pre), 1),
+                   "finetune_run_s": round(sum(r["seconds"] for r in fts), 1)},
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "zero_shot": zero_shot_rows(pre),
