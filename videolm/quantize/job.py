@@ -192,7 +192,10 @@ def _quantize(directory, readers, cfg, cfg_json, features_key, existing, progres
     partial_cb = partial_name(final_cb, tag)
     if given is not None and existing is None:  # published like a fitted one: tokens first, the codebook last
         write_codebook(partial_cb, given[0].levels, given[1])
-    codebook, attrs, t_fit = _codebook_to_use(final_cb, partial_cb, existing, readers, cfg, features_key, progress)
+        (codebook, attrs), t_fit = given, 0.0
+    else:
+        codebook, attrs, t_fit = _codebook_to_use(final_cb, partial_cb, existing, readers, cfg, features_key,
+                                                  progress)
     fingerprint = attrs["fingerprint"]
     _remove_stale(directory, keep={partial_cb.name} | {partial_name(token_path(r.path), fingerprint).name
                                                        for r in readers})
