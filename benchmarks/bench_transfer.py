@@ -407,7 +407,8 @@ def run_all(fn, runs: list[dict], paths: dict, out: Path, jobs: int, what: str) 
                 log(f"{what}: {run['name']} FAILED: {type(exc).__name__}: {exc}")
             log(f"{what}: {n}/{len(runs)} finished ({run['name']}, {time.monotonic() - t0:.0f} s)")
     if failed:
-        (out / "failures.jsonl").open("a").write("".join(json.dumps(f) + "\n" for f in failed))
+        with (out / "failures.jsonl").open("a") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in failed))
     return results, failed
 
 

@@ -65,7 +65,27 @@ def test_quick_study_writes_tables_plots_and_resumes(tmp_path):
     for c in bench_transfer.CHOICES:
         assert f"| {c} |" in md
     assert "p = " in md and "CIDEr-D" in md and "R@1 IoU=0.5" in md
+    _pair_accuracy_is_r1_in_two_video_galleries(out, tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")}
     assert len(stamps) > 20  # pretraining and fine-tuning runs, each with its result
     assert bench_transfer.main(["--quick", "--out", str(out)]) == 0  # resumes: nothing is trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/result.json")} == stamps
+
+
+def _pair_accuracy_is_r1_in_two_video_galleries(out, tmp_path):
+    """Reference: each pair scored alone by eval-retrieval's evaluator; R@1 among 2 videos = pair accuracy."""
+    from videolm.manifests.manifest import load_manifest, write_manifest
+    from videolm.retrieval.evaluate import EvalConfig
+    from videolm.retrieval.job import run_eval
+
+    run = out / "finetune" / "joint_s0_n8"
+    result = json.loads((run / "result.json").read_text())
+    checkpoint = run / "best" if (run / "best").is_dir() else run
+    entries = load_manifest(out / "data" / "order.jsonl")
+    hits = []
+    for k in range(0, len(entries), 2):
+        pair = write_manifest(entries[k:k + 2], tmp_path / f"pair{k}.jsonl")
+        report = run_eval(checkpoint, out / "features" / "down", pair, EvalConfig(split="test", bootstrap=10),
+                          progress=False)
+        hits.append(report["t2v"]["metrics"]["R@1"])
+    assert sum(hits) / len(hits) == pytest.approx(result["test"]["order"]["pair_accuracy"])
