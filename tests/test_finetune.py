@@ -164,3 +164,15 @@ def test_init_none_trains_the_recipes_own_model_from_scratch(task, tmp_path):
     fresh, pre = load_model_state(latest_checkpoint(out)), load_model_state(latest_checkpoint(task["pre"]))
     video = [k for k in fresh if k in pre and not k.startswith("text.") and fresh[k].dtype.is_floating_point]
     assert video and max(float((fresh[k] - pre[k]).abs().max()) for k in video) > 1e-2
+
+
+def test_a_task_recipe_without_a_model_section_sets_nothing_aside(task, tmp_path, caplog):
+    """The model comes from --init; only model settings a recipe asks for are worth a warning."""
+    cfg = _ft_cfg(extra=["max_steps=1", "select.every=0"])
+    with caplog.at_level("WARNING", logger="videolm.pretrain.run"):
+        run_finetune(task["pre"], cfg, task["features"], task["manifest"], tmp_path / "ft", progress=False)
+    assert "set aside" not in caplog.text
+    asked = _ft_cfg(extra=["max_steps=1", "select.every=0", "model.video_layers=5"])
+    with caplog.at_level("WARNING", logger="videolm.pretrain.run"):
+        run_finetune(task["pre"], asked, task["features"], task["manifest"], tmp_path / "ft2", progress=False)
+    assert "set aside (video_layers: 5 ->" in caplog.text

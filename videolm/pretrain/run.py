@@ -27,7 +27,7 @@ from ..config import to_dict
 from ..errors import ConfigError, TrainError
 from ..features.shards import FeatureStore
 from ..model.text import load_tokenizer, resolve_text_dir
-from ..model.video_text import build_model, parts_with_needs, resolve_model_config
+from ..model.video_text import ModelConfig, build_model, parts_with_needs, resolve_model_config
 from .checkpoint import (latest_checkpoint, load_into, load_model_state, load_objective_state, load_run_config,
                          load_trainer_state, set_rng_state)
 from .collate import Collator
@@ -203,7 +203,9 @@ def init_model_config(mcfg, path: str, rank: int):
                           f"gives {mcfg.visual_vocab}")
     parts = parts_with_needs(set(saved.parts or ()) | set(mcfg.parts or ()))
     ours, theirs = to_dict(replace(mcfg, parts=None)), to_dict(replace(saved, parts=None))
-    differ = [f"{k}: {ours[k]!r} -> {theirs[k]!r}" for k in ours if ours[k] != theirs[k]]
+    # only what the recipe asked for: a task recipe without a model section holds the defaults
+    default = to_dict(replace(ModelConfig(), parts=None))
+    differ = [f"{k}: {ours[k]!r} -> {theirs[k]!r}" for k in ours if ours[k] != theirs[k] and ours[k] != default[k]]
     if differ and rank == 0:
         log.warning("train.init_from %s: the model comes from that checkpoint; the recipe's model settings are "
                     "set aside (%s)", path, "; ".join(differ))
