@@ -85,3 +85,10 @@ def test_styles_are_checked():
         synthesize("/nonexistent", 2, 0, style="noisy")
     with pytest.raises(ValueError, match="n_videos must be even"):
         synthesize("/nonexistent", 3, 0, style="order_pairs")
+
+
+def test_cli_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    from videolm.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--videos", "3", "--style", "order_pairs"]) == 2
+    assert "n_videos must be even, got 3" in capsys.readouterr().err

@@ -6,7 +6,10 @@
 (``load_digits``, real data, no download), tinted with a named colour, sliding
 across a dim static background. Every event gets one caption with its real
 start/end time, so a retrieval model has to read identity, colour, direction
-and (through the timing) order off the pixels.
+and (through the timing) order off the pixels. ``style`` (``STYLES``) changes the
+text: ``narrated`` replaces the captions with HowTo100M-style speech
+(``narration.py``), ``order_pairs`` renders pairs of videos with the same events
+in opposite orders.
 
 Design choices, and why:
 
@@ -37,6 +40,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from ..errors import ConfigError
 from .manifest import SPLITS, Caption, VideoEntry, write_manifest
 from .narration import narrate
 
@@ -348,7 +352,7 @@ def video_id(index: int, seed: int, id_prefix: str = "synth") -> str:
     return f"{id_prefix}-s{seed}-{index:05d}"
 
 
-def _render_one(args: tuple[int, int, str, str, Path]) -> VideoEntry:
+def _render_one(args: tuple[int, int, str, str, Path, str]) -> VideoEntry:
     """Video ``index`` of the set: rendered to ``video_dir``, returned as its manifest entry."""
     index, seed, split, id_prefix, video_dir, style = args
     spec = order_pair_spec(seed, index, split) if style == "order_pairs" else make_spec(seed, index, split)
@@ -374,16 +378,17 @@ def synthesize(
     ``style`` is one of ``STYLES``: the pixels of video i are the same in ``clean``
     and ``narrated``; only the text differs.
     """
+    # ConfigError (a ValueError): the command line prints these as one line, exit 2
     if n_videos < 1:
-        raise ValueError(f"n_videos must be >= 1, got {n_videos}")
+        raise ConfigError(f"n_videos must be >= 1, got {n_videos}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if style not in STYLES:
-        raise ValueError(f"style {style!r} is not one of {', '.join(STYLES)}")
+        raise ConfigError(f"style {style!r} is not one of {', '.join(STYLES)}")
     if style == "order_pairs" and n_videos % 2:
-        raise ValueError(f"order_pairs writes videos in pairs: n_videos must be even, got {n_videos}")
+        raise ConfigError(f"order_pairs writes videos in pairs: n_videos must be even, got {n_videos}")
     out_dir = Path(out_dir).resolve()
     jobs = [(i, seed, split, id_prefix, out_dir / "videos", style) for i in range(n_videos)]
     from tqdm import tqdm
