@@ -278,17 +278,24 @@ def slim(out: Path) -> None:
             shutil.rmtree(old)
 
 
-def do_pretrain(run: dict, paths: dict, root: str) -> dict:
+def _start(run: dict, root: str, kind: str) -> tuple[Path, dict | None, object, bool]:
+    """(run directory, its result when already finished, else its recipe and whether to resume)."""
     import torch
     from videolm.pretrain.checkpoint import latest_checkpoint
-    from videolm.pretrain.trainer import run_pretrain
 
     torch.set_num_threads(1)
-    out = Path(root) / "pretrain" / run["name"]
+    out = Path(root) / kind / run["name"]
     if (found := _done(out)) is not None:
+        return out, found, None, False
+    return out, None, _recipe(run, out), latest_checkpoint(out) is not None
+
+
+def do_pretrain(run: dict, paths: dict, root: str) -> dict:
+    from videolm.pretrain.trainer import run_pretrain
+
+    out, found, cfg, resume = _start(run, root, "pretrain")
+    if found is not None:
         return found
-    cfg = _recipe(run, out)
-    resume = latest_checkpoint(out) is not None
     summary = run_pretrain(cfg, features_for(run, paths, "corpus"), paths["corpus_manifest"], out, resume=resume,
                            progress=False)
     down = features_for(run, paths, "down")
@@ -299,18 +306,13 @@ def do_pretrain(run: dict, paths: dict, root: str) -> dict:
 
 
 def do_finetune(run: dict, paths: dict, root: str) -> dict:
-    import torch
     from videolm.finetune.job import run_finetune
-    from videolm.pretrain.checkpoint import latest_checkpoint
 
-    torch.set_num_threads(1)
-    out = Path(root) / "finetune" / run["name"]
-    if (found := _done(out)) is not None:
+    out, found, cfg, resume = _start(run, root, "finetune")
+    if found is not None:
         return found
-    cfg = _recipe(run, out)
     init = str(Path(root) / "pretrain" / run["init"]) if run["init"] else None
     down = features_for(run, paths, "down")
-    resume = latest_checkpoint(out) is not None
     summary = run_finetune(init, cfg, down, paths[f"train_{run['size']}"], out, resume=resume, progress=False)
     best = out / "best" if summary.get("best") else out
     result = {k: run[k] for k in ("name", "choice", "seed", "size", "init", "task")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -152,14 +153,25 @@ def ablation_rows(pre: list[dict], fts: list[dict], size: int) -> dict:
     return out
 
 
-def plot_curves(rows: dict, sizes: list[int], path: Path, metric: str = "R@1", ylabel: str = "test R@1 (%)") -> Path:
+@contextmanager
+def _figure(path: Path, height: float):
+    """A matplotlib axis whose figure is laid out, saved to ``path`` and closed on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, height))
     try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(rows: dict, sizes: list[int], path: Path, metric: str = "R@1", ylabel: str = "test R@1 (%)") -> Path:
+    with _figure(path, 4.2) as ax:
         for choice in [c for c in MAIN if c in rows]:
             xs = [n for n in sizes if n in rows[choice]]
             ys = [rows[choice][n][metric]["mean"] for n in xs]
@@ -172,22 +184,12 @@ def plot_curves(rows: dict, sizes: list[int], path: Path, metric: str = "R@1", y
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
     return path
 
 
 def plot_ablations(ablations: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(ablations)
-    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(names) + 1.2))
-    try:
+    with _figure(path, 0.45 * len(names) + 1.2) as ax:
         d = [ablations[n]["vs_parent"]["delta"] for n in names]
         lo = [d[i] - ablations[n]["vs_parent"]["ci"][0] for i, n in enumerate(names)]
         hi = [ablations[n]["vs_parent"]["ci"][1] - d[i] for i, n in enumerate(names)]
@@ -196,10 +198,6 @@ def plot_ablations(ablations: dict, path: Path) -> Path:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlabel("test R@1 change vs the full recipe\n(points, 95% paired bootstrap)")
         ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
     return path
 
 
