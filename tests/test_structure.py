@@ -54,4 +54,5 @@ def test_the_tree_reads_like_the_pipeline():
     assert set(STAGES) <= packages, set(STAGES) - packages
     loose = sorted(p.name for p in PACKAGE.glob("*.py"))
     # outside the stage packages only the entry points and what every stage shares
-    assert loose == ["__init__.py", "__main__.py", "cli.py", "config.py", "errors.py"], loose
+    assert loose == ["__init__.py", "__main__.py", "config.py", "errors.py"], loose
+    assert (PACKAGE / "cli" / "__init__.py").is_file()  # the command line: one module per group of stages
