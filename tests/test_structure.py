@@ -22,7 +22,7 @@ STAGES = ("manifests", "extract", "features", "quantize", "model", "pretrain", "
 
 def all_modules():
     for info in pkgutil.walk_packages([str(PACKAGE)], prefix="videolm."):
-        if info.name != "videolm.__main__":  # importing it runs the CLI
+        if not info.name.endswith(".__main__"):  # importing one runs the CLI
             yield importlib.import_module(info.name)
 
 
