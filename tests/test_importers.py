@@ -394,7 +394,7 @@ def test_cli_prints_the_summary(tmp_path, capsys):
 
 def test_run_import_rejects_unknown_format_and_options(tmp_path):
     assert list(IMPORTERS) == ["msrvtt", "youcook2", "howto100m", "webvid", "tvsub", "activitynet", "didemo", "tvr",
-                              "csv"]
+                              "csv", "webdataset"]
     with pytest.raises(ImporterError, match="unknown format 'vatex'"):
         run_import("vatex", tmp_path / "m.jsonl", tmp_path)
     with pytest.raises(ImporterError, match="has no option.*captionz"):

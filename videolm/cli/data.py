@@ -33,10 +33,11 @@ def _cmd_synth(args) -> int:
     return 0
 
 
-def _import_common(p):
+def _import_common(p, videos: bool = True):
     g = p.add_argument_group("common to every format")
-    g.add_argument("--videos", required=True, metavar="DIR",
-                   help="folder holding the video files, searched recursively for <id>.mp4/.webm/.mkv/.avi")
+    if videos:  # a format whose input names its own files (webdataset) has no --videos
+        g.add_argument("--videos", required=True, metavar="DIR",
+                       help="folder holding the video files, searched recursively for <id>.mp4/.webm/.mkv/.avi")
     g.add_argument("--out", required=True, metavar="PATH", help="manifest .jsonl to write")
     g.add_argument("--keep-missing", action="store_true",
                    help="keep videos whose file is not found (path = the expected DIR/<id>.mp4)")
@@ -84,9 +85,24 @@ def add_import(sub):
                    help="kind of every caption (default caption)")
     f.set_defaults(import_options=("csv", "id_col", "text_col", "path_col", "start_col", "end_col", "split_col",
                                    "kind"))
-    for f in fmts.choices.values():
-        _import_common(f)
+    _add_import_webdataset(fmts)
+    for name, f in fmts.choices.items():
+        _import_common(f, videos=name != "webdataset")
         f.set_defaults(func=_cmd_import)
+
+
+def _add_import_webdataset(fmts):
+    f = fmts.add_parser("webdataset", help="WebDataset tars (video2dataset's output): one video per sample, "
+                                           "read in place from its tar",
+                        description="One manifest line per sample of uncompressed WebDataset tars; the video stays "
+                                    "in its tar, addressed as <tar>#<member>. video2dataset's .json: samples whose "
+                                    "status is not success are dropped and counted, clipped samples get their "
+                                    "span's duration (data_manifests/README.md).")
+    f.add_argument("shards", nargs="+", metavar="SHARDS",
+                   help="tar paths, globs or brace patterns, quoted: 'shards/{00000..00099}.tar'")
+    f.add_argument("--caption-field", metavar="FIELD",
+                   help="take the caption from this field of each sample's .json (default: the sample's .txt)")
+    f.set_defaults(import_options=("shards", "caption_field"))
 
 
 def _add_import_moments(fmts):
@@ -112,7 +128,8 @@ def _cmd_import(args) -> int:
     from ..manifests.importers import run_import
 
     options = {k: getattr(args, k) for k in args.import_options}
-    summary = run_import(args.format, Path(args.out), Path(args.videos), keep_missing=args.keep_missing,
+    videos = Path(args.videos) if getattr(args, "videos", None) else None
+    summary = run_import(args.format, Path(args.out), videos, keep_missing=args.keep_missing,
                          default_split=args.split, progress=not args.quiet and sys.stderr.isatty(), **options)
     for line in summary.lines():
         print(line)

@@ -26,6 +26,8 @@ Two interchangeable backends, ``av`` (PyAV) and ``decord``, share one planner:
 
 Only a window of clips is ever held in memory, so long videos stay bounded.
 Every failure becomes a ``DecodeError`` that names the file and the reason.
+A path may name a member of an uncompressed tar (``x.tar#member``): it is read in
+place through the process's open tar (``manifests/tar_members.py``), never unpacked.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 
 from .config import SamplingSpec
 from ..errors import VideolmError
+from ..manifests.tar_members import TarMemberError, open_member, split_member
 
 BACKENDS = ("av", "decord")
 DECODE_MODES = ("exact", "sparse")
@@ -113,6 +116,20 @@ def centre_crop(frames: np.ndarray, crop: int | None) -> np.ndarray:
     return frames[..., top : top + crop, left : left + crop, :]
 
 
+def _source(path: str):
+    """What the decoders open: the path itself, or a view onto a tar member (manifests/tar_members.py)."""
+    if split_member(path) is None:
+        _check_file(path)
+        return path
+    try:
+        member = open_member(path)
+    except TarMemberError as exc:
+        raise DecodeError(path, str(exc)) from None
+    if member.size == 0:
+        raise DecodeError(path, "tar member is empty (0 bytes)")
+    return member
+
+
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise DecodeError(path, "file does not exist")
@@ -126,9 +143,9 @@ def _open_av(path: str):
     """Open with PyAV and return (container, video_stream) or raise a clear DecodeError."""
     import av
 
-    _check_file(path)
+    source = _source(path)
     try:
-        container = av.open(path, metadata_errors="ignore")
+        container = av.open(source, metadata_errors="ignore")
     except av.error.FFmpegError as exc:
         raise DecodeError(
             path, f"cannot open as a video container (corrupt, truncated, or not a video file): {exc.strerror or exc}"
@@ -412,7 +429,8 @@ class _DecordBackend:
 
         w, h = output_size(probe.width, probe.height, spec.short_side)
         try:
-            self.reader = decord.VideoReader(path, width=w, height=h, num_threads=threads)
+            # decord reads a file-like source (a tar member) whole into memory before decoding it
+            self.reader = decord.VideoReader(_source(path), width=w, height=h, num_threads=threads)
         except decord.DECORDError as exc:
             raise DecodeError(path, f"decord cannot open the video: {str(exc).splitlines()[0]}") from None
         n = len(self.reader)

@@ -13,7 +13,9 @@ so a user with a million-line manifest can jump straight to the bad line.
 
 Lines are split on ``\n`` only (a trailing ``\r`` of CRLF files is ignored), must
 be UTF-8 (a UTF-8 byte-order mark at the start of the file is ignored), and blank
-lines (nothing but spaces, tabs and CR) are skipped. With ``root=`` every resolved video path must lie inside that
+lines (nothing but spaces, tabs and CR) are skipped. A path may name a member of an
+uncompressed tar, ``shards/00003.tar#000000014.mp4`` (``tar_members.py``): the tar's path
+is resolved and checked like a file's, the member's name is kept as written. With ``root=`` every resolved video path must lie inside that
 folder (after following symlinks), so a manifest from elsewhere cannot point a job
 at arbitrary files.
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 from ..errors import VideolmError
+from .tar_members import check_member_name, member_path, split_member
 
 SPLITS = ("train", "val", "test")
 CAPTION_KINDS = ("caption", "subtitle", "asr", "query")
@@ -70,10 +73,13 @@ class VideoEntry:
     def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict:
         path = self.path
         if relative_to is not None:
+            member = split_member(path)  # only a tar member's tar is a file system path
             try:
-                path = os.path.relpath(self.path, relative_to)
+                path = os.path.relpath(member[0] if member else path, relative_to)
             except ValueError:  # different drive on Windows
-                pass
+                path = member[0] if member else path
+            if member:
+                path = member_path(path, member[1])
         d = {"video_id": self.video_id, "path": path, "split": self.split}
         if self.duration is not None:
             d["duration"] = self.duration
@@ -187,12 +193,24 @@ def parse_entry(obj, base_dir: str | None, root: str | None = None) -> VideoEntr
     unknown = set(obj) - _KNOWN_KEYS
     if unknown:
         raise ValueError(f"unknown field(s): {_keys(unknown)}")
-    written = path
-    if base_dir is not None and not os.path.isabs(path):
-        path = os.path.normpath(os.path.join(base_dir, path))
-    if root is not None:
-        _check_inside(written, path, root)
+    path = _resolve_path(path, base_dir, root)
     return VideoEntry(video_id=video_id, path=path, split=split, duration=duration, captions=captions)
+
+
+def _resolve_path(written: str, base_dir: str | None, root: str | None) -> str:
+    """The path made absolute against the manifest's folder and checked against `root`.
+    For a tar member (``x.tar#member``) that is the tar's path; the member's name is kept
+    as written, since normalising it could change which member it names."""
+    member = split_member(written)
+    if member is not None:
+        check_member_name(member[1])
+    file_path = member[0] if member else written
+    full = file_path
+    if base_dir is not None and not os.path.isabs(file_path):
+        full = os.path.normpath(os.path.join(base_dir, file_path))
+    if root is not None:
+        _check_inside(file_path, full, root)
+    return member_path(full, member[1]) if member else full
 
 
 def _json_type(value) -> str:

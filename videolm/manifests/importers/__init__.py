@@ -24,6 +24,7 @@ from .common import Assembler, ImporterError, ImportSummary, RawVideo, Report, V
 from .csv_formats import import_csv, import_webvid
 from .moments import import_activitynet, import_didemo, import_tvr
 from .streamed import import_howto100m, import_tvsub
+from .webdataset import import_webdataset
 
 IMPORTERS = {
     "msrvtt": import_msrvtt,
@@ -35,7 +36,9 @@ IMPORTERS = {
     "didemo": import_didemo,
     "tvr": import_tvr,
     "csv": import_csv,
+    "webdataset": import_webdataset,
 }
+SELF_LOCATING = {"webdataset"}  # formats whose records carry their own video paths: no --videos
 
 __all__ = ["IMPORTERS", "ImporterError", "ImportSummary", "RawVideo", "run_import"]
 
@@ -62,7 +65,7 @@ def _stop_if_empty(entries: Iterator[VideoEntry], assembler: Assembler, source: 
         raise ImporterError(assembler.nothing_written_message(source))
 
 
-def run_import(fmt: str, out, videos, keep_missing: bool = False, default_split: str = "train",
+def run_import(fmt: str, out, videos=None, keep_missing: bool = False, default_split: str = "train",
                progress: bool = False, **format_options) -> ImportSummary:
     """Import one dataset's annotations into the manifest `out`; see the module docstring."""
     importer = IMPORTERS.get(fmt)
@@ -72,7 +75,10 @@ def run_import(fmt: str, out, videos, keep_missing: bool = False, default_split:
         raise ImporterError(f"--split {default_split!r} is not one of {', '.join(SPLITS)}")
     format_options = {k: v for k, v in format_options.items() if v is not None}
     main_input = _options(fmt, importer, format_options)
-    videos, out = Path(videos), Path(out)
+    if videos is None and fmt not in SELF_LOCATING:
+        raise ImporterError(f"format {fmt!r} needs --videos (the folder holding the video files)")
+    # Formats that name their own files resolve relative paths against the working directory.
+    videos, out = Path(videos if videos is not None else os.getcwd()), Path(out)
     if not keep_missing and not videos.is_dir():
         raise ImporterError(f"--videos {videos}: no such folder (with --keep-missing the manifest is written "
                             f"with the expected paths anyway)")
@@ -80,8 +86,10 @@ def run_import(fmt: str, out, videos, keep_missing: bool = False, default_split:
     report = Report()
     assembler = Assembler(VideoFinder(videos), report, keep_missing, default_split, progress=progress)
     entries = assembler(importer(report, **format_options))
+    source = format_options.get(main_input, fmt)
+    source = ", ".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source)
     try:
-        write_manifest(_stop_if_empty(entries, assembler, str(format_options.get(main_input, fmt))), out)
+        write_manifest(_stop_if_empty(entries, assembler, source), out)
     except BaseException:
         # write_manifest writes <out>.tmp and renames it only on success; do not leave it behind.
         tmp = out.with_name(out.name + ".tmp")

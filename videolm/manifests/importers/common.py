@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..manifest import SPLITS, Caption, VideoEntry
+from ..tar_members import member_path, open_member, split_member
 from ...errors import VideolmError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi")  # order of preference when one id has several files
@@ -175,6 +176,10 @@ class VideoFinder:
         return self._by_stem.get(video_id)
 
     def by_path(self, rel: str) -> str | None:
+        member = split_member(rel)
+        if member is not None:  # a tar member (WebDataset): the importer read it from that tar
+            tar = os.path.normpath(os.path.join(self.root, member[0]))
+            return member_path(tar, member[1]) if os.path.isfile(tar) else None
         p = os.path.join(self.root, rel)  # an absolute `rel` stays absolute
         return os.path.normpath(p) if os.path.isfile(p) else None
 
@@ -217,7 +222,8 @@ def probe_duration(path: str) -> float | None:
     import av
 
     try:
-        with av.open(path) as c:
+        source = open_member(path) if split_member(path) else path  # a tar member is read in place
+        with av.open(source) as c:
             if c.duration:
                 return parse_duration(c.duration / 1e6)
             for s in c.streams.video:
