@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from videolm.errors import ConfigError
-from videolm.model.video_text import ARCHITECTURES, ModelConfig, build_model, resolve_model_config
+from videolm.model.video_text import ARCHITECTURES, CROSS_ARCHITECTURES, ModelConfig, build_model, resolve_model_config
 from videolm.model.text import default_text_dir, load_tokenizer
 
 B, T, L, D, S, LS = 3, 6, 7, 8, 2, 5
@@ -39,7 +39,7 @@ def _models():
     return {a: tiny(a) for a in ARCHITECTURES}
 
 
-@pytest.fixture(params=ARCHITECTURES)
+@pytest.fixture(params=CROSS_ARCHITECTURES)  # the layouts with a cross-modal pass; dual: test_clip.py
 def arch_model(request, _models):
     return copy.deepcopy(_models[request.param])
 
@@ -136,7 +136,7 @@ def test_padding_does_not_leak_into_real_positions(arch_model):
                                **close)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", CROSS_ARCHITECTURES)  # dual reads features only
 def test_visual_words_padding_does_not_leak(architecture):
     model, x = tiny(architecture, video_input="tokens"), inputs()
     ref = model({**x, "video": None})

@@ -14,7 +14,11 @@ def add_eval(sub):
                     "MnR with bootstrap 95% intervals in both directions. Writes a JSON report, per-query "
                     "rankings (JSONL) and a recall@K plot.",
     )
-    p.add_argument("--checkpoint", required=True, help="run directory (its latest checkpoint) or one checkpoint dir")
+    p.add_argument("--checkpoint", help="run directory (its latest checkpoint) or one checkpoint dir")
+    p.add_argument("--zero-shot", choices=["clip"],
+                   help="instead of --checkpoint: CLIP as released (--weights DIR), no training: its text "
+                        "embeddings against mean-pooled, normalised clip features extracted with the same weights")
+    p.add_argument("--weights", help="--zero-shot clip: the local CLIP directory (as given to extract --weights)")
     p.add_argument("--features", required=True, help="feature directory holding the split's videos")
     p.add_argument("--manifest", required=True, help="manifest JSONL with the split's captions")
     p.add_argument("--root", help="refuse manifest video paths that resolve (symlinks followed) outside this folder")
@@ -51,9 +55,20 @@ def add_eval(sub):
     p.set_defaults(func=_cmd_eval)
 
 
+def _check_model_args(args) -> None:
+    if bool(args.checkpoint) == bool(args.zero_shot):
+        raise ConfigError("eval-retrieval: give --checkpoint RUN, or --zero-shot clip --weights DIR (one of them)")
+    if args.zero_shot and not args.weights:
+        raise ConfigError("--zero-shot clip needs --weights DIR, the CLIP directory the features were extracted with")
+    if args.zero_shot and args.untrained:
+        raise ConfigError("--untrained is a checkpoint's architecture at initialisation; --zero-shot has no checkpoint")
+
+
 def _cmd_eval(args) -> int:
     check_root(args)
+    _check_model_args(args)
     from ..retrieval.job import print_report, run_eval
+    from ..retrieval.zero_shot import run_zero_shot
     from ..retrieval.evaluate import EvalConfig
     from ..retrieval.protocols import settings
     from ..retrieval.search import SearchConfig
@@ -68,8 +83,12 @@ def _cmd_eval(args) -> int:
     stem = out.with_suffix("")
     rankings = Path(args.rankings) if args.rankings else Path(f"{stem}.rankings.jsonl")
     plot = Path(args.plot) if args.plot else Path(f"{stem}.recall.png")
-    report = run_eval(Path(args.checkpoint), Path(args.features), Path(args.manifest), cfg, out, rankings, plot,
-                      progress=not args.quiet, untrained=args.untrained)
+    if args.zero_shot:
+        report = run_zero_shot(args.zero_shot, Path(args.weights), Path(args.features), Path(args.manifest), cfg,
+                               out, rankings, plot, progress=not args.quiet)
+    else:
+        report = run_eval(Path(args.checkpoint), Path(args.features), Path(args.manifest), cfg, out, rankings, plot,
+                          progress=not args.quiet, untrained=args.untrained)
     ex = report["excluded"]
     print(f"eval-retrieval: {report['n_videos']} videos, {report['n_queries']['t2v']} queries "
           + (f"(protocol {cfg.protocol}, " if cfg.protocol else "(")

