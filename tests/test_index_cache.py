@@ -48,7 +48,7 @@ def store(tmp_path):
         write_shard(features, s, seed=s)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "model.pt").write_bytes(b"weights")
+    (ckpt / "model.safetensors").write_bytes(b"weights")
     s = FeatureStore(features)
     s.model = ic.model_fields(ckpt, 4, False, 0)  # what run_eval passes for a checkpoint at step 4
     yield s

@@ -124,8 +124,10 @@ def test_run_writes_checkpoints_metrics_and_plots(data, tmp_path):
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     assert [p.name for p in ckpts] == ["step_0000004"]  # keep_checkpoints=1 pruned step 2
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    for name in ("model.pt", "objectives.pt", "trainer.pt", "config.yaml", "meta.json", "tokenizer/tokenizer.json"):
+    for name in ("model.safetensors", "objectives.safetensors", "trainer.pt", "features.json", "config.yaml",
+                 "meta.json", "tokenizer/tokenizer.json"):
         assert (ckpts[0] / name).exists(), name
+    assert [p.name for p in ckpts[0].glob("*.pt")] == ["trainer.pt"]  # weights are safetensors, not pickles
     saved = load_recipe(ckpts[0] / "config.yaml")
     assert saved.model.feature_dim == 8 and saved.model.visual_vocab == 4 + 5  # resolved from shards/codebook
     rec = read_metrics(run / "metrics.jsonl")
@@ -140,6 +142,7 @@ def test_run_writes_checkpoints_metrics_and_plots(data, tmp_path):
 
 def test_load_pretrained_restores_the_trained_model(data, tmp_path):
     import torch
+    from safetensors.torch import load_file
 
     from videolm.pretrain.checkpoint import load_pretrained
 
@@ -147,7 +150,7 @@ def test_load_pretrained_restores_the_trained_model(data, tmp_path):
     run = tmp_path / "run"
     run_pretrain(tiny({"joint": {}}, extra=["max_steps=2"]), features, manifest, run, progress=False)
     model, tokenizer, cfg = load_pretrained(run)
-    saved = torch.load(run / "checkpoints" / "step_0000002" / "model.pt", weights_only=True)
+    saved = load_file(run / "checkpoints" / "step_0000002" / "model.safetensors")
     assert not model.training and cfg.model.feature_dim == 8 and tokenizer.vocab_size == model.word_embeddings.shape[0]
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
@@ -472,8 +475,9 @@ def test_only_what_the_objectives_use_is_built_and_ddp_is_told_when_something_re
 
 
 def test_checkpoints_of_the_old_layout_fail_with_a_clear_error(data, tmp_path):
-    """Before 0.2 the heads sat in model.pt and trainer state had no objectives.pt: say so, don't trace back."""
+    """Before 0.2 the heads sat in the model's weights and there were no separate objective heads: say so."""
     import torch
+    from safetensors.torch import load_file, save_file
 
     from videolm.pretrain.checkpoint import load_pretrained
 
@@ -481,19 +485,19 @@ def test_checkpoints_of_the_old_layout_fail_with_a_clear_error(data, tmp_path):
     cfg = tiny({"joint": {}, "mlm": {}}, extra=["max_steps=2"])
     run_pretrain(cfg, features, manifest, tmp_path / "run", progress=False)
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
-    heads = torch.load(ckpt / "objectives.pt", weights_only=True)
+    heads = load_file(ckpt / "objectives.safetensors")
     assert {k.split(".")[0] for k in heads} == {"0:mlm"}  # joint has no parameters of its own
-    state = torch.load(ckpt / "model.pt", weights_only=True)
+    state = load_file(ckpt / "model.safetensors")
     assert not any(k.startswith(("mlm", "mvm", "mfm", "fom", "vsm")) for k in state)
-    torch.save({**state, "mlm_transform.0.weight": torch.zeros(32, 32)}, ckpt / "model.pt")  # as 0.1 wrote it
+    save_file({**state, "mlm_transform.0.weight": torch.zeros(32, 32)}, ckpt / "model.safetensors")  # as 0.1 had it
     with pytest.raises(ConfigError, match="do not fit the model.*before videolm 0.3"):
         load_pretrained(tmp_path / "run")
-    torch.save(state, ckpt / "model.pt")
+    save_file(state, ckpt / "model.safetensors")
     with pytest.raises(ConfigError, match=r"model.parts: \('cross',\) -> \('cross', 'decoder'\)"):
         run_pretrain(apply_overrides(cfg, ["max_steps=3", "model.parts=[decoder]"]), features, manifest,
                      tmp_path / "run", resume=True, progress=False)
-    (ckpt / "objectives.pt").unlink()
-    with pytest.raises(ConfigError, match="no objectives.pt"):
+    (ckpt / "objectives.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no objectives.safetensors"):
         run_pretrain(apply_overrides(cfg, ["max_steps=3"]), features, manifest, tmp_path / "run", resume=True,
                      progress=False)
 
@@ -591,6 +595,7 @@ def test_compile_gives_the_same_losses_and_checkpoints(tmp_path):
     """train.compile: same losses as eager to 1e-4 (dropout off: inductor draws its own dropout masks), the same
     checkpoint keys, and a compiled run resumes uncompiled. About 30-50 s: inductor builds its kernels."""
     import torch
+    from safetensors.torch import load_file
 
     from videolm.pretrain.run import compile_problem
 
@@ -610,8 +615,8 @@ def test_compile_gives_the_same_losses_and_checkpoints(tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     ckpts = {flag: out / "checkpoints" / "step_0000003" for flag, out in runs.items()}
     assert load_recipe(ckpts["true"] / "config.yaml").train.compile
-    for name in ("model.pt", "objectives.pt"):
-        keys = [list(torch.load(c / name, weights_only=True)) for c in ckpts.values()]
+    for name in ("model.safetensors", "objectives.safetensors"):
+        keys = [sorted(load_file(c / name)) for c in ckpts.values()]
         assert keys[0] == keys[1] and not any("_orig_mod" in k for k in keys[1]), name
     for flag, out in runs.items():  # one more step each, uncompiled: the weights agree, so do the losses
         run_pretrain(apply_overrides(cfg, ["compile=false", "max_steps=4"]), features, manifest, out, resume=True,

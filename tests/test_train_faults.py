@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import videolm.pretrain.run as run_module
 from videolm.pretrain.checkpoint import latest_checkpoint, load_pretrained, load_trainer_state
@@ -72,7 +73,7 @@ class Wrapped(torch.nn.Module):
 
 def assert_finite_checkpoints(run: Path):
     for d in sorted((run / "checkpoints").glob("step_*")):
-        for name, t in torch.load(d / "model.pt", weights_only=True).items():
+        for name, t in load_file(d / "model.safetensors").items():
             assert torch.isfinite(t).all(), (d.name, name)
 
 

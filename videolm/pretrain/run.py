@@ -28,8 +28,8 @@ from ..errors import ConfigError, TrainError
 from ..features.shards import FeatureStore
 from ..model.text import load_tokenizer, resolve_text_dir
 from ..model.video_text import ModelConfig, build_model, parts_with_needs, resolve_model_config
-from .checkpoint import (latest_checkpoint, load_into, load_model_state, load_objective_state, load_run_config,
-                         load_trainer_state, set_rng_state)
+from .checkpoint import (has_objectives, latest_checkpoint, load_into, load_model_state, load_objective_state,
+                         load_run_config, load_trainer_state, set_rng_state)
 from .collate import Collator
 from .dataset import VideoTextDataset
 from .objectives import OBJECTIVES, TextVocab, build_objective, model_parts_for
@@ -223,7 +223,7 @@ def load_init_weights(run: Run, path: str) -> None:
         raise ConfigError(f"train.init_from {ckpt}: weights with no place in this model: {', '.join(extra[:10])}")
     fresh = sorted(set(own) - set(state))
     run.model.load_state_dict(state, strict=False)
-    heads = load_objective_state(ckpt, run.device) if (ckpt / "objectives.pt").is_file() else {}
+    heads = load_objective_state(ckpt, run.device) if has_objectives(ckpt) else {}
     by_name: dict[str, dict] = defaultdict(dict)
     for key, value in heads.items():  # "<stage>:<name>.<param>"; a later stage's copy wins
         task, param = key.split(".", 1)

@@ -15,7 +15,7 @@ says *which* index: the model (checkpoint directory, or the architecture and see
 ``--untrained``), split, query mode, gallery side (``videos`` for t2v, ``texts`` for
 v2t), search mode and build parameters. The key says *what it was built from*: the
 features' fingerprint (``FeatureStore.fingerprint``), the checkpoint's step and its
-model.pt size and mtime, the gallery ids in order, the gallery's shape and the sha256
+weights file's (model.safetensors, or a legacy model.pt) size and mtime, the gallery ids in order, the gallery's shape and the sha256
 of its vectors. The vectors' digest alone makes reuse safe (an index is only reused
 for bitwise the same gallery); the other fields tell the user why one was rebuilt.
 
@@ -70,15 +70,17 @@ def model_fields(ckpt: Path, step, untrained: bool, seed: int) -> tuple[dict, di
     """(slot part, key part) for a model: which checkpoint, and what shows it was rewritten.
 
     A checkpoint of the same step can be saved again (docs/formats.md), so the key has
-    model.pt's size and mtime besides the step. An untrained model is named by the
+    the weights file's size and mtime besides the step. An untrained model is named by the
     architecture it copies and its init seed; its vectors' digest covers the rest.
     """
     where = str(Path(ckpt).resolve())
     if untrained:
         return {"model": "untrained", "architecture_of": where, "init_seed": seed}, {}
-    st = (Path(ckpt) / "model.pt").stat()
+    from ..pretrain.checkpoint import model_file  # torch: only when a checkpoint is scored
+
+    st = model_file(ckpt).stat()
     return ({"model": "checkpoint", "checkpoint": where},
-            {"step": step, "model_pt_bytes": st.st_size, "model_pt_mtime_ns": st.st_mtime_ns})
+            {"step": step, "weights_bytes": st.st_size, "weights_mtime_ns": st.st_mtime_ns})
 
 
 class IndexCache:
