@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..features.shards import FeatureStore
 from ..manifests.manifest import load_manifest, write_manifest
 from ..pretrain.checkpoint import latest_checkpoint, load_run_config
+from ..pretrain.model_card import write_model_card
 from ..pretrain.objectives import check_architecture
 from ..pretrain.recipe import PretrainConfig
 from ..pretrain.trainer import run_pretrain
@@ -82,4 +83,6 @@ def run_finetune(init: str | Path | None, cfg: PretrainConfig, features: str | P
         summary["selection"] = selector.history
     if out.exists():
         (out / FINETUNE_RECORD).write_text(json.dumps({"init": meta["init"], **summary}, indent=2))
+        trained = load_run_config(Path(summary["checkpoint"])) if summary.get("checkpoint") else cfg  # sizes resolved
+        write_model_card(out, trained, summary, "fine-tuning", features, manifest, best=summary.get("best"))
     return summary

@@ -6,7 +6,7 @@ a query text, encoded alone by the text BERT and mean-pooled, becomes three vect
 global (Temporal Transformer) outputs. Start and end scores of a clip are dot
 products with the start and end vectors (softmax over the video's clips); the
 query-video score is the highest cosine between the global vector and a clip.
-That layer lives in the checkpoint's ``objectives.pt``, so only a run that trained
+That layer lives in the checkpoint's ``objectives.safetensors``, so only a run that trained
 vsm (``model.architecture: hierarchical``) can be scored.
 
 Videos go through the training input pipeline: examples shaped like
@@ -98,7 +98,8 @@ class MomentModel:
 
 
 def load_vsm_query(model, run_cfg, ckpt: Path, tokenizer) -> torch.nn.Module:
-    """vsm's query layer from ``objectives.pt`` (the last stage's copy), or an EvalError naming what is missing."""
+    """vsm's query layer from ``objectives.safetensors`` (the last stage's copy), or an EvalError naming what
+    is missing."""
     from ..pretrain.checkpoint import load_objective_state
     from ..pretrain.masking import TextVocab
     from ..pretrain.objectives import build_objective

@@ -2,14 +2,16 @@
 
 The run directory is the one ``videolm pretrain`` writes (``checkpoint.py``), at step 0:
 
-* ``checkpoints/step_0000000/model.pt``: the ``two_stream`` model, every key from the file;
-* ``objectives.pt``: UniVL's stage-2 objectives; the mlm head is UniVL's ``cls``,
+* ``checkpoints/step_0000000/model.safetensors``: the ``two_stream`` model, every key from the file;
+* ``objectives.safetensors``: UniVL's stage-2 objectives; the mlm head is UniVL's ``cls``,
   the others (mfm_nce) start fresh, and the report says so;
 * ``config.yaml``: model sizes read from the weights, ``embed_dim: 0`` (UniVL's
   unprojected joint space), the recipe of UniVL's stage 2;
 * ``text_encoder/``: the text BERT as a local transformers directory (config,
   weights, WordPiece tokenizer); ``model.text_init`` points at it;
-* ``import.json``: what was read, kept, cut and left out.
+* ``import.json``: what was read, kept, cut and left out;
+* ``README.md``: the model card (``model_card.py``); no ``features.json``, as UniVL's
+  features were made outside videolm.
 
 No ``trainer.pt``: there is no optimiser state to resume. ``eval-retrieval
 --checkpoint RUN`` scores it; ``pretrain --init-from RUN`` trains on from it with a
@@ -36,8 +38,9 @@ from ..model.text import _quietly, load_tokenizer
 from ..model.univl_checkpoint import check_state_fits, map_univl_state, read_univl_state, univl_sizes
 from ..model.video_text import ModelConfig, build_model
 from .checkpoint import checkpoint_dir, save_checkpoint
+from .model_card import write_model_card
 from .objectives import TextVocab, build_objective
-from .recipe import PretrainConfig, recipe_from_dict, save_recipe
+from .recipe import PretrainConfig, load_recipe, recipe_from_dict, save_recipe
 from .run import task_key
 
 log = logging.getLogger("videolm.pretrain.import_checkpoint")
@@ -105,6 +108,9 @@ def import_univl(path: str | Path, out: str | Path, tokenizer_dir: str | Path | 
     summary.update(file=str(Path(path).resolve()), tensors_read=len(state), seconds=round(time.monotonic() - t0, 2),
                    checkpoint=str(checkpoint_dir(out) / "step_0000000"))
     (out / "import.json").write_text(json.dumps(summary, indent=2))
+    write_model_card(out, load_recipe(out / "config.yaml"), {"steps": 0}, "imported (UniVL)",
+                     notes=[f"converted from `{summary['file']}`; no features recorded (features.json)",
+                            *summary["notes"]])
     return summary
 
 

@@ -46,6 +46,7 @@ from ..features.shards import FeatureStore
 from ..manifests.manifest import load_manifest
 from ..model.inputs import batch_to
 from .checkpoint import latest_checkpoint, save_checkpoint
+from .model_card import write_model_card
 from .distributed import all_reduce_mean, barrier, init_distributed, shutdown_distributed
 from .metrics_log import MetricsLogger
 from .recipe import PretrainConfig, save_recipe
@@ -237,7 +238,10 @@ def run_pretrain(cfg: PretrainConfig, features: str | Path, manifest: str | Path
         run = _start(cfg, Path(features), Path(manifest), out, resume, rank, world, device)
         meta = {"features": str(features), "manifest": str(manifest), "world_size": world}
         with _sigterm_raises():
-            return _train(run, out, meta, progress, after_step)
+            summary = _train(run, out, meta, progress, after_step)
+        if rank == 0:  # a fine-tuning run rewrites it with its best score (finetune/job.py)
+            write_model_card(out, run.cfg, summary, "pretraining", features, manifest)
+        return summary
     finally:
         shutdown_distributed()
 
@@ -397,7 +401,8 @@ def _summary(run: Run, out: Path, metrics: MetricsLogger, step: int, last_ckpt, 
                "world_size": run.world, "device": run.device,
                "examples_per_s": examples_per_step * (step - run.start) / max(seconds, 1e-9),
                "checkpoint": str(last_ckpt) if last_ckpt else None, "run_dir": str(out),
-               "examples": len(run.dataset), "videos_missing_features": run.dataset.missing,
+               "examples": len(run.dataset), "videos": len(run.dataset.videos),
+               "videos_missing_features": run.dataset.missing,
                "captions_without_clips": run.dataset.uncovered, "stopped_early": stopped_early}
     if run.rank == 0:
         summary["loss_plot"] = str(metrics.plot()) if (out / "metrics.jsonl").exists() else None

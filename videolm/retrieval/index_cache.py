@@ -15,9 +15,10 @@ says *which* index: the model (checkpoint directory, or the architecture and see
 ``--untrained``), split, query mode, gallery side (``videos`` for t2v, ``texts`` for
 v2t), search mode and build parameters. The key says *what it was built from*: the
 features' fingerprint (``FeatureStore.fingerprint``), the checkpoint's step and its
-weights file's (model.safetensors, or a legacy model.pt) size and mtime, the gallery ids in order, the gallery's shape and the sha256
-of its vectors. The vectors' digest alone makes reuse safe (an index is only reused
-for bitwise the same gallery); the other fields tell the user why one was rebuilt.
+weights file's (model.safetensors, or a legacy model.pt) size and mtime, the gallery ids
+in order, the gallery's shape and the sha256 of its vectors. The vectors' digest alone
+makes reuse safe (an index is only reused for bitwise the same gallery); the other
+fields tell the user why one was rebuilt.
 
 An index is reused only when its file name matches, its sidecar holds the same slot
 and key, and the file's sha256 is the one the sidecar recorded; anything else is a
